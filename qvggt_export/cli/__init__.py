@@ -1,0 +1,46 @@
+"""Thin Click layer: commands parse options and call the Python API.
+
+Each stage keeps its commands in its own module here; heavy modules are imported inside the
+commands so that `--help` stays fast.
+"""
+
+import sys
+
+import click
+
+from ..errors import QVGGTError
+from ..log import setup_logging
+
+
+class _Group(click.Group):
+    """Turns QVGGTError (and a few OS errors on user paths) into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QVGGTError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="qvggt-export")
+def main(verbose: bool) -> None:
+    """qvggt-export: quantize VGGT to W4A16 (QVGGT), export ONNX, build TensorRT engines."""
+    setup_logging(verbose)
+
+
+def _register() -> None:
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.endswith("_cmds"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register()
