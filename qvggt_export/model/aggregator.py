@@ -1,0 +1,81 @@
+"""Alternating frame/global attention over the tokens of all views (released VGGT Aggregator)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import VGGTConfig
+from .dinov2 import DINOv2
+from .layers import Block, PatchEmbed, RotaryTables
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def first_and_rest(token: Tensor, batch: int, frames: int) -> Tensor:
+    """[1, 2, X, C] -> [B*S, X, C]: entry 0 for the first frame of each batch item, entry 1 for the rest."""
+    first = token[:, 0:1].expand(batch, 1, *token.shape[2:])
+    rest = token[:, 1:2].expand(batch, frames - 1, *token.shape[2:])
+    return torch.cat([first, rest], dim=1).reshape(batch * frames, *token.shape[2:])
+
+
+class Aggregator(nn.Module):
+    def __init__(self, cfg: VGGTConfig) -> None:
+        super().__init__()
+        c = cfg.embed_dim
+        if cfg.patch_embed == "conv":
+            self.patch_embed = PatchEmbed(cfg.patch_size, c)
+        else:
+            depth, heads = cfg.dinov2_shape
+            self.patch_embed = DINOv2(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=c, depth=depth,
+                                      num_heads=heads, num_register_tokens=cfg.num_register_tokens)
+
+        def make_block() -> Block:
+            return Block(c, cfg.num_heads, cfg.mlp_ratio, init_values=cfg.init_values, qk_norm=cfg.qk_norm)
+
+        self.frame_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
+        self.global_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
+        self.camera_token = nn.Parameter(torch.randn(1, 2, 1, c) * 1e-6)
+        self.register_token = nn.Parameter(torch.randn(1, 2, cfg.num_register_tokens, c) * 1e-6)
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
+        self.patch_size = cfg.patch_size
+        self.head_dim = c // cfg.num_heads
+        self.rope_freq = cfg.rope_freq
+        self.patch_start_idx = 1 + cfg.num_register_tokens
+        self.kept_layers = cfg.kept_layers
+
+    def embed(self, images: Tensor) -> Tensor:
+        """[B, S, 3, H, W] in [0, 1] -> tokens [B*S, P, C]: camera, registers, patches."""
+        B, S, _, H, W = images.shape
+        x = ((images - self.image_mean) / self.image_std).reshape(B * S, 3, H, W)
+        patches = self.patch_embed(x)
+        if isinstance(patches, dict):
+            patches = patches["x_norm_patchtokens"]
+        special = [first_and_rest(self.camera_token, B, S), first_and_rest(self.register_token, B, S)]
+        return torch.cat([t.to(patches.dtype) for t in special] + [patches], dim=1)
+
+    def rope_tables(self, H: int, W: int, device: torch.device, dtype: torch.dtype) -> RotaryTables | None:
+        if self.rope_freq <= 0:
+            return None
+        return RotaryTables.for_frame(H // self.patch_size, W // self.patch_size, self.patch_start_idx,
+                                      self.head_dim, self.rope_freq, device, dtype)
+
+    def forward(self, images: Tensor) -> dict[int, Tensor]:
+        """Returns {block index: frame||global tokens [B, S, P, 2C]} for the blocks the heads read."""
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
+        B, S, _, H, W = images.shape
+        tokens = self.embed(images)
+        _, P, C = tokens.shape
+        frame_rope = self.rope_tables(H, W, tokens.device, tokens.dtype)
+        global_rope = frame_rope.repeat(S) if frame_rope is not None else None
+        kept = {}
+        for i, (frame_block, global_block) in enumerate(zip(self.frame_blocks, self.global_blocks)):
+            tokens = frame_block(tokens.reshape(B * S, P, C), rope=frame_rope)
+            frame_out = tokens
+            tokens = global_block(tokens.reshape(B, S * P, C), rope=global_rope)
+            if i in self.kept_layers:
+                kept[i] = torch.cat([frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)], dim=-1)
+        return kept
