@@ -1,0 +1,110 @@
+"""Image loading and preprocessing identical to the released `load_and_preprocess_images`.
+
+"crop" (default): width -> 518, height keeps the aspect ratio rounded to a multiple of 14, then the
+height is centre-cropped to 518 if larger. "pad": the longer side -> 518, the other side rounded to a
+multiple of 14, then padded with white (1.0) to 518x518. Alpha is composited on white. Images of
+different sizes in one batch are padded with 1.0 (centred) to the largest size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+from ..log import logger
+
+TARGET_SIZE = 518
+PATCH_SIZE = 14
+MODES = ("crop", "pad")
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """Where the pixels of a source image end up after preprocessing (before batch padding)."""
+
+    resized_hw: tuple[int, int]  # size after the bicubic resize
+    crop_top: int  # rows removed from the top of the resized image ("crop" mode)
+    pad_top: int  # white rows added above ("pad" mode)
+    pad_left: int  # white columns added on the left ("pad" mode)
+    output_hw: tuple[int, int]
+
+
+def _round_to_patch(length: float) -> int:
+    # Python's round (half to even), as the released code.
+    return round(length / PATCH_SIZE) * PATCH_SIZE
+
+
+def plan_preprocessing(width: int, height: int, mode: str = "crop") -> ResizePlan:
+    """The resize / crop / pad that preprocessing applies to a width x height image."""
+    if mode not in MODES:
+        raise InputError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
+    if mode == "crop" or width >= height:
+        new_w, new_h = TARGET_SIZE, _round_to_patch(height * (TARGET_SIZE / width))
+    else:
+        new_w, new_h = _round_to_patch(width * (TARGET_SIZE / height)), TARGET_SIZE
+    if mode == "crop":
+        crop_top = max(new_h - TARGET_SIZE, 0) // 2
+        return ResizePlan((new_h, new_w), crop_top, 0, 0, (min(new_h, TARGET_SIZE), new_w))
+    pad_h, pad_w = TARGET_SIZE - new_h, TARGET_SIZE - new_w
+    return ResizePlan((new_h, new_w), 0, max(pad_h, 0) // 2, max(pad_w, 0) // 2, (TARGET_SIZE, TARGET_SIZE))
+
+
+def open_rgb(path) -> Image.Image:
+    """An image file as RGB, alpha composited on white; InputError naming the file if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"not a readable image: {path} ({type(exc).__name__})") from None
+    if image.mode == "RGBA":
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """torchvision's ToTensor for an RGB uint8 image: [3, H, W] float32 = value / 255."""
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def _pad_centered(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    pad_h, pad_w = height - image.shape[1], width - image.shape[2]
+    if pad_h <= 0 and pad_w <= 0:
+        return image
+    top, left = pad_h // 2, pad_w // 2
+    return torch.nn.functional.pad(image, (left, pad_w - left, top, pad_h - top), value=1.0)
+
+
+def preprocess_image(image: Image.Image, mode: str = "crop") -> torch.Tensor:
+    """One RGB PIL image -> [3, H, W] in [0, 1] (before batch padding)."""
+    plan = plan_preprocessing(image.width, image.height, mode)
+    new_h, new_w = plan.resized_hw
+    tensor = _to_tensor(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    if new_h > plan.output_hw[0]:
+        tensor = tensor[:, plan.crop_top : plan.crop_top + plan.output_hw[0], :]
+    return _pad_centered(tensor, *plan.output_hw)
+
+
+def load_and_preprocess_images(image_path_list, mode: str = "crop") -> torch.Tensor:
+    """Image files -> [N, 3, H, W] float32 in [0, 1], as the released VGGT preprocessing."""
+    paths = list(image_path_list)
+    if not paths:
+        raise InputError("no images given (at least one is required)")
+    if mode not in MODES:
+        raise InputError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
+    images = [preprocess_image(open_rgb(path), mode) for path in paths]
+    shapes = {tuple(image.shape[1:]) for image in images}
+    if len(shapes) > 1:
+        logger.warning("images have different sizes %s; padding with white to the largest", sorted(shapes))
+        height = max(shape[0] for shape in shapes)
+        width = max(shape[1] for shape in shapes)
+        images = [_pad_centered(image, height, width) for image in images]
+    return torch.stack(images)
