@@ -1,0 +1,66 @@
+"""Commands that look at or run a model: info, predict."""
+
+from __future__ import annotations
+
+import click
+
+from . import main
+
+CHECKPOINT_HELP = ("Checkpoint: .safetensors/.pt file, a folder holding one, an embedded name (vggt-tiny) or a "
+                   "hub id. Default: the embedded vggt-tiny model.")
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(checkpoint: str, as_json: bool) -> None:
+    """Parameters, config, dtypes and size of CHECKPOINT."""
+    import json
+
+    from ..model.summary import checkpoint_summary
+
+    summary = checkpoint_summary(checkpoint)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"file        {summary['path']} ({summary['file_bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"format      {summary['format']}")
+    click.echo(f"tensors     {summary['tensors']}  dtypes {', '.join(f'{k}:{v}' for k, v in summary['dtypes'].items())}")
+    click.echo(f"parameters  {summary['parameters']:,}")
+    for part, count in summary["parameters_by_part"].items():
+        click.echo(f"  {part:<12}{count:>15,}")
+    click.echo("config      " + json.dumps(summary["config"]))
+    for key, value in summary.get("quantization", {}).items():
+        click.echo(f"{key:<12}{value}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--checkpoint", "-c", default=None, help=CHECKPOINT_HELP)
+@click.option("--scene", default=None, metavar="synthetic:SEED",
+              help="Run on a rendered synthetic scene with ground truth instead of IMAGES, and print errors.")
+@click.option("--views", default=4, show_default=True, help="Views rendered for --scene.")
+@click.option("--image-size", default=None, metavar="HxW", help="Render size for --scene (default: the model's).")
+@click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
+              help="Preprocessing of IMAGES, as the released code.")
+@click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+def predict(images, checkpoint, scene, views, image_size, mode, out, device) -> None:
+    """Run the model on IMAGES (views of one scene) and write its predictions to an .npz.
+
+    Writes pose_enc, extrinsic, intrinsic, depth, depth_conf, world_points, world_points_conf
+    (OpenCV camera-from-world extrinsics; the first view is the world frame).
+    """
+    from ..predict import predict_images, predict_synthetic
+
+    if scene and images:
+        raise click.UsageError("give IMAGES or --scene, not both")
+    if not scene and not images:
+        raise click.UsageError("no images given (pass image files, or --scene synthetic:SEED)")
+    if scene:
+        report = predict_synthetic(scene, checkpoint, views, image_size, out, device)
+        for line in report:
+            click.echo(line)
+    else:
+        predict_images(images, checkpoint, mode, out, device)
+    click.echo(f"wrote {out}")

@@ -1,0 +1,89 @@
+"""The API behind `qvggt-export predict`: one scene's views through a model, predictions to .npz."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .io import atomic_output
+from .log import logger
+
+
+def save_predictions(path: str | Path, predictions: dict[str, np.ndarray]) -> None:
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise InputError(f"output must be an .npz file, got {path}")
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the temp name
+            np.savez(f, **predictions)
+
+
+def _load(checkpoint: str | None, device: str):
+    from .model import load_model
+
+    start = time.perf_counter()
+    model = load_model(checkpoint, device)
+    logger.info("model %s loaded in %.1f s", checkpoint or "vggt-tiny (embedded default)", time.perf_counter() - start)
+    return model
+
+
+def _run(model, images, device: str) -> dict[str, np.ndarray]:
+    from .inference import run_model
+
+    start = time.perf_counter()
+    preds = run_model(model, images, device)
+    logger.info("%d views of %dx%d in %.2f s on %s", images.shape[0], images.shape[-2], images.shape[-1],
+                time.perf_counter() - start, device)
+    return preds
+
+
+def predict_images(paths, checkpoint: str | None, mode: str, out: str | Path, device: str = "cpu") -> dict:
+    from .data.images import load_and_preprocess_images
+
+    if Path(out).suffix != ".npz":
+        raise InputError(f"output must be an .npz file, got {out}")
+    images = load_and_preprocess_images([str(p) for p in paths], mode=mode)
+    logger.info("preprocessed %d images to %dx%d (%s)", images.shape[0], images.shape[-2], images.shape[-1], mode)
+    preds = _run(_load(checkpoint, device), images, device)
+    save_predictions(out, preds)
+    return preds
+
+
+def parse_scene(spec: str) -> int:
+    kind, _, seed = spec.partition(":")
+    if kind != "synthetic" or not seed.lstrip("-").isdigit():
+        raise InputError(f"--scene must look like synthetic:SEED, got {spec!r}")
+    return int(seed)
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit()):
+        raise InputError(f"image size must look like HxW (e.g. 518x518), got {text!r}")
+    return int(height), int(width)
+
+
+def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size: str | None,
+                      out: str | Path, device: str = "cpu") -> list[str]:
+    """Predicts a rendered scene, saves predictions and ground truth, returns a short error report."""
+    import torch
+
+    from .data.synthetic import render_scene
+    from .evaluate import scene_metrics
+
+    if Path(out).suffix != ".npz":
+        raise InputError(f"output must be an .npz file, got {out}")
+    seed = parse_scene(spec)
+    model = _load(checkpoint, device)
+    size = parse_image_size(image_size) if image_size else (model.config.img_size, model.config.img_size)
+    scene = render_scene(seed, views, size).in_first_camera_frame()
+    preds = _run(model, torch.from_numpy(scene.images), device)
+    metrics = scene_metrics(preds, scene)
+    save_predictions(out, {**preds, "gt_extrinsic": scene.extrinsics, "gt_intrinsic": scene.intrinsics,
+                           "gt_depth": scene.depth, "gt_world_points": scene.world_points, "gt_valid": scene.valid,
+                           "images": scene.images})
+    return [f"synthetic scene {seed}: {views} views at {size[0]}x{size[1]}"] + [
+        f"  {name:<22}{value:.4f}" for name, value in metrics.items()]
