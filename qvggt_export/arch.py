@@ -1,0 +1,186 @@
+"""Everything qvggt-export knows about the VGGT architecture, as data.
+
+Generic code (quant/, export/) asks this module which blocks to quantize, how a block's linears share
+inputs (scale groups), which modules stay full precision, and how tokens are laid out; it never names a
+VGGT module path itself (STYLE.md, "VGGT knowledge lives in one place").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization spec
+
+# The linears of a transformer block, in execution order. Names are relative to the block.
+LINEAR_TYPES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+# The least sensitive linear: quantized even inside a block the plan protects (QVGGT paper).
+ALWAYS_QUANTIZED_IN_PROTECTED = ("attn.proj",)
+
+# Modules that stay full precision whatever the plan says: the patch embed (conv / DINOv2), the DPT
+# heads (convolutions), and the camera head's small linears around the trunk (K = 9 is not a multiple
+# of the 128-group, and the modulation / pose branch directly shape the 9 pose numbers).
+SKIPPED_PREFIXES = ("aggregator.patch_embed", "depth_head", "point_head", "track_head",
+                    "camera_head.embed_pose", "camera_head.poseLN_modulation", "camera_head.pose_branch")
+
+# VGGT-1B paper default plan (0-based): these blocks keep FP16 except attn.proj.
+PAPER_PROTECTED_BLOCKS = ("aggregator.frame_blocks.14", "aggregator.frame_blocks.17",
+                          "aggregator.frame_blocks.23", "aggregator.global_blocks.23")
+PAPER_DEPTH = 24
+# The paper protects 4 of 48 aggregator blocks; `--plan auto` keeps that fraction by default.
+PAPER_PROTECTED_FRACTION = 4 / 48
+
+HEADS = ("camera", "depth", "point")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    name: str  # dotted module name, e.g. "aggregator.frame_blocks.3"
+    kind: str  # "frame", "global" or "camera"
+    index: int
+    # Token filtering applies where the block sees a frame's camera/register tokens next to its
+    # patches; the camera trunk only ever sees camera tokens.
+    has_patch_tokens: bool
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """One AWQ scale group: `layers` read the output of `prev_op` (all names relative to the block).
+
+    fold: how the inverse scale is applied exactly -
+      "norm"       divide the LayerNorm's weight and bias by s,
+      "last_rows"  divide the last len(s) output rows (weight and bias) of the linear prev_op by s: the
+                   value rows of qkv; attention is linear in v and proj reads the heads concatenated
+                   in v's channel order,
+      "input"      no foldable op (GELU is not linear): an explicit multiply by 1/s on the input.
+    """
+
+    prev_op: str
+    layers: tuple[str, ...]
+    fold: str
+
+
+SCALE_GROUPS = (
+    ScaleGroup("norm1", ("attn.qkv",), "norm"),
+    ScaleGroup("attn.qkv", ("attn.proj",), "last_rows"),
+    ScaleGroup("norm2", ("mlp.fc1",), "norm"),
+    ScaleGroup("mlp.act", ("mlp.fc2",), "input"),
+)
+
+
+def quant_blocks(model: nn.Module) -> list[BlockSpec]:
+    """All blocks whose linears are quantized, in execution order (frame/global interleaved, then the
+    camera trunk)."""
+    blocks = []
+    for i in range(len(model.aggregator.frame_blocks)):
+        blocks.append(BlockSpec(f"aggregator.frame_blocks.{i}", "frame", i, True))
+        blocks.append(BlockSpec(f"aggregator.global_blocks.{i}", "global", i, True))
+    for i in range(len(model.camera_head.trunk)):
+        blocks.append(BlockSpec(f"camera_head.trunk.{i}", "camera", i, False))
+    return blocks
+
+
+def aggregator_blocks(model: nn.Module) -> list[BlockSpec]:
+    return [b for b in quant_blocks(model) if b.kind != "camera"]
+
+
+def block_of(linear_name: str) -> str:
+    """"aggregator.frame_blocks.3.mlp.fc2" -> "aggregator.frame_blocks.3"."""
+    for t in LINEAR_TYPES:
+        if linear_name.endswith("." + t):
+            return linear_name[: -len(t) - 1]
+    raise ValueError(f"{linear_name!r} is not a block linear")
+
+
+def linear_type(linear_name: str) -> str:
+    return linear_name[len(block_of(linear_name)) + 1:]
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Dotted names of the linears a plan may quantize, in execution order."""
+    return [f"{b.name}.{t}" for b in quant_blocks(model) for t in LINEAR_TYPES]
+
+
+def is_skipped(name: str) -> bool:
+    return name.startswith(SKIPPED_PREFIXES)
+
+
+def resolve_block_name(model: nn.Module, text: str) -> str | None:
+    """A user's block reference -> full block name, or None if the model has no such block.
+
+    Accepts full names ("aggregator.frame_blocks.14") and short ones ("frame.14", "global.23",
+    "camera.0").
+    """
+    short = {"frame": "aggregator.frame_blocks", "global": "aggregator.global_blocks", "camera": "camera_head.trunk"}
+    kind, _, index = text.rpartition(".")
+    name = f"{short[kind]}.{index}" if kind in short else text
+    return name if name in {b.name for b in quant_blocks(model)} else None
+
+
+def paper_protected_blocks(model: nn.Module) -> tuple[str, ...] | None:
+    """The paper's protected blocks, or None when the model is not 24 blocks deep (not VGGT-1B)."""
+    return PAPER_PROTECTED_BLOCKS if len(model.aggregator.frame_blocks) == PAPER_DEPTH else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token layout and what the heads read
+
+
+def num_special_tokens(model: nn.Module) -> int:
+    """Camera token + register tokens at the start of every frame (token indices 0..4 in VGGT-1B)."""
+    return model.aggregator.patch_start_idx
+
+
+def tokens_per_frame(model: nn.Module, image_hw: tuple[int, int]) -> int:
+    p = model.config.patch_size
+    return num_special_tokens(model) + (image_hw[0] // p) * (image_hw[1] // p)
+
+
+def patch_token_mask(x: Tensor, tokens_per_frame: int, num_special: int) -> Tensor:
+    """Boolean mask over x's token axis (dim -2) selecting patch tokens.
+
+    Frame blocks see [B*S, P, C] and global blocks [B, S*P, C]; in both the position of a token within
+    its frame is (token index mod P).
+    """
+    import torch
+
+    positions = torch.arange(x.shape[-2], device=x.device) % tokens_per_frame
+    return positions >= num_special
+
+
+def heads_reading(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Aggregator block indices whose outputs each head reads."""
+    cfg = model.config
+    return {"camera": (cfg.depth - 1,), "depth": tuple(cfg.intermediate_layer_idx),
+            "point": tuple(cfg.intermediate_layer_idx)}
+
+
+def camera_head_input(layers: dict[int, Tensor], model: nn.Module) -> Tensor:
+    """The tokens the camera head consumes: each frame's camera token of the last block [B, S, 2C]."""
+    return layers[model.config.depth - 1][:, :, 0]
+
+
+def camera_head_patch_tokens(layers: dict[int, Tensor], model: nn.Module) -> Tensor:
+    """Patch tokens of the last block [B, S, P - special, 2C] (CIC matches their norm)."""
+    return layers[model.config.depth - 1][:, :, num_special_tokens(model):]
+
+
+def set_extra_camera_tokens(model: nn.Module, tokens: Tensor | None) -> None:
+    """Appends constant tokens [K, 2C] to the camera head's sequence (the CIC token), or removes them."""
+    model.camera_head.extra_tokens = tokens
+
+
+def extra_camera_tokens(model: nn.Module) -> Tensor | None:
+    return model.camera_head.extra_tokens
+
+
+def aggregator(model: nn.Module) -> nn.Module:
+    """The module whose output is {block index: tokens} (hooked to collect camera and patch tokens)."""
+    return model.aggregator
+
+
+# State-dict key of the CIC token (a quantized checkpoint carries it when CIC was used).
+EXTRA_CAMERA_TOKENS_KEY = "camera_head.extra_tokens"

@@ -1,0 +1,62 @@
+"""GPTQ (Frantar et al.): column-by-column rounding with error feedback through the inverse Hessian.
+
+Group scales (max|w| / qmax over 128 input channels) are taken from the partly updated weights when
+the sweep reaches each group, as the reference implementation does without static groups; the result
+is a dequantized weight that lies exactly on its fp16 scales' grid, so packing reproduces it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .pack import GROUP_SIZE, QMAX, QMIN, group_scales
+
+DAMPING = 0.01
+
+
+def hessian_inverse_factor(hessian: Tensor, damping: float = DAMPING) -> Tensor:
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, raising damping if H is singular."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = torch.diag(h).mean()
+    for factor in (1, 10, 100, 1000):
+        try:
+            chol = torch.linalg.cholesky(h + factor * damping * mean_diag * eye)
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("Hessian is not positive definite even with strong damping")
+
+
+@torch.no_grad()
+def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
+    """weight [N, K], hessian [K, K] (sum of x x^T over calibration inputs) -> (dequantized weight [N, K]
+    in fp32, fp16 scales [N, K // group_size])."""
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    dead = torch.diag(hessian) == 0
+    w[:, dead] = 0
+    hinv = hessian_inverse_factor(hessian)
+    scales = torch.empty(n, k // group_size, dtype=torch.float16)
+    out = torch.empty_like(w)
+    # Sweep one group at a time: the group's scale is fixed from its current (error-updated) weights.
+    for g0 in range(0, k, group_size):
+        g1 = g0 + group_size
+        s16 = group_scales(w[:, g0:g1], bits, group_size).to(torch.float16)
+        scales[:, g0 // group_size] = s16[:, 0]
+        s = s16.float()[:, 0]
+        block = w[:, g0:g1].clone()
+        errors = torch.empty_like(block)
+        hblock = hinv[g0:g1, g0:g1]
+        for i in range(group_size):
+            col = block[:, i]
+            q = torch.clamp(torch.round(col / s), QMIN[bits], QMAX[bits]) * s
+            out[:, g0 + i] = q
+            err = (col - q) / hblock[i, i]
+            block[:, i:] -= err[:, None] * hblock[i, i:][None, :]
+            errors[:, i] = err
+        w[:, g1:] -= errors @ hinv[g0:g1, g1:]
+    return out, scales

@@ -1,0 +1,115 @@
+"""Linear layers of a quantized model.
+
+`QuantLinear` holds weights in the canonical packed format (pack.py) and computes with a plain
+dequantize-then-matmul reference; the ONNX exporter and the CUDA kernel are tested against it.
+`PrescaledLinear` is the float stage of the same idea used during scale search: a linear whose input
+is multiplied by a per-channel vector first (the explicit inverse scale AWQ needs before fc2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pack import GROUP_SIZE, pack_weight, unpack_weight
+
+PRECISION_OF_BITS = {4: "w4a16", 8: "w8a16"}
+BITS_OF_PRECISION = {v: k for k, v in PRECISION_OF_BITS.items()}
+
+
+def _cuda_kernel():
+    """The packed W4A16 GEMM when it is built and a GPU is present, else None (CPU never uses it)."""
+    try:
+        from .. import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.is_available() else None
+
+
+class PrescaledLinear(nn.Linear):
+    """y = W (x * input_scale) + b, keeping nn.Linear's parameter names (so module paths don't change)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("input_scale", torch.ones(in_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "PrescaledLinear":
+        if isinstance(linear, PrescaledLinear):
+            return linear
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.to(linear.weight.device, linear.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x * self.input_scale.to(x.dtype), self.weight, self.bias)
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear (W4A16 / W8A16, symmetric, groups along the input dimension).
+
+    Buffers: qweight (bits 4: uint8 [N, K // 2], bits 8: int8 [N, K]), scales fp16 [N, K // group_size],
+    bias fp32 [N] or None, input_scale fp32 [K] or None (multiplied into the input before the matmul).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = GROUP_SIZE,
+                 bias: bool = True, has_input_scale: bool = False, name: str = "") -> None:
+        super().__init__()
+        if bits not in PRECISION_OF_BITS:
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if in_features % group_size:
+            raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.name = bits, group_size, name
+        self.precision = PRECISION_OF_BITS[bits]
+        packed_shape = (out_features, in_features // 2) if bits == 4 else (out_features, in_features)
+        self.register_buffer("qweight", torch.zeros(packed_shape, dtype=torch.uint8 if bits == 4 else torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group_size, dtype=torch.float16))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_scale", torch.ones(in_features) if has_input_scale else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = GROUP_SIZE, name: str = "",
+                    scales: Tensor | None = None) -> "QuantLinear":
+        """Quantizes `linear` (round to nearest against `scales`, default max|w|/qmax per group).
+
+        A PrescaledLinear's input scale is carried over (identity scales are dropped)."""
+        input_scale = getattr(linear, "input_scale", None)
+        if input_scale is not None and torch.all(input_scale == 1):
+            input_scale = None
+        q = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+                has_input_scale=input_scale is not None, name=name)
+        packed, s = pack_weight(linear.weight.detach().float().cpu(), bits, group_size,
+                                None if scales is None else scales.cpu())
+        q.qweight.copy_(packed)
+        q.scales.copy_(s)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach().float())
+        if input_scale is not None:
+            q.input_scale.copy_(input_scale.detach().float())
+        return q.to(linear.weight.device)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return unpack_weight(self.qweight, self.scales, self.bits, self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.is_cuda and self.bits == 4:
+            kernels = _cuda_kernel()
+            if kernels is not None:
+                return kernels.w4a16_matmul(x, self.qweight, self.scales, bias, self.group_size)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def weight_bytes(self) -> int:
+        return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * 2
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.precision}, "
+                f"group_size={self.group_size}, input_scale={self.input_scale is not None}")

@@ -1,0 +1,131 @@
+"""Task losses of the heads (QVGGT's search objective) and fidelity errors against the FP model.
+
+L = L_cam + 0.1 L_depth + 0.1 L_point + L_geo (DESIGN.md): L_cam is a Huber loss on the pose
+encoding, L_depth / L_point are confidence-weighted errors, L_geo compares the point map with the depth
+unprojected through the predicted cameras. Scenes have no common metric scale (ground truth is in
+metres, the model predicts in its own normalised units), so every length is divided by its scene's mean
+point distance first - the normalisation VGGT trains with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import QVGGTError
+from ..geometry import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri
+from ..geometry import unproject_depth_map_to_point_map
+from .calib import CalibrationSet
+
+LOSS_WEIGHTS = {"cam": 1.0, "depth": 0.1, "point": 0.1, "geo": 1.0}
+HUBER_DELTA = 0.1
+
+
+@dataclass
+class Targets:
+    pose_enc: Tensor  # [S, 9]
+    depth: Tensor  # [S, H, W]
+    world_points: Tensor  # [S, H, W, 3]
+    valid: Tensor  # [S, H, W] bool
+    weight: Tensor  # [S, H, W]: FP depth confidence, normalised to mean 1 over valid pixels
+
+
+def check_finite(preds: list[dict[str, Tensor]], what: str) -> None:
+    for key in ("pose_enc", "depth", "world_points"):
+        if not all(torch.isfinite(p[key]).all() for p in preds):
+            raise QVGGTError(f"{what} produced NaN/Inf in {key}; the checkpoint or calibration data is broken")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, calib: CalibrationSet) -> list[dict[str, Tensor]]:
+    """Model outputs per calibration scene (batch dimension removed, float32, on the CPU)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for scene in calib.scenes:
+        preds = model(scene.images.to(device)[None])
+        outputs.append({k: preds[k][0].float().cpu() for k in
+                        ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")})
+    return outputs
+
+
+def make_targets(calib: CalibrationSet, fp_preds: list[dict[str, Tensor]], use_gt: bool = True) -> list[Targets]:
+    """Ground truth where the scene has it (and use_gt), else the FP model's outputs (pseudo ground truth)."""
+    targets = []
+    for scene, fp in zip(calib.scenes, fp_preds):
+        hw = tuple(scene.images.shape[-2:])
+        weight = fp["depth_conf"]
+        if use_gt and scene.gt is not None:
+            gt = scene.gt
+            pose = extri_intri_to_pose_encoding(gt["extrinsics"].double(), gt["intrinsics"].double(), hw)
+            depth, points, valid = gt["depth"].float(), gt["world_points"].float(), gt["valid"].bool()
+        else:
+            pose, depth, points = fp["pose_enc"], fp["depth"][..., 0], fp["world_points"]
+            valid = torch.ones_like(depth, dtype=torch.bool)
+        weight = weight / weight[valid].mean().clamp_min(1e-12)
+        targets.append(Targets(pose.float(), depth, points, valid, weight))
+    return targets
+
+
+def _scene_scale(points: Tensor, valid: Tensor) -> Tensor:
+    return points[valid].norm(dim=-1).mean().clamp_min(1e-8)
+
+
+def _normalised_pose(pose_enc: Tensor, scale: Tensor) -> Tensor:
+    return torch.cat([pose_enc[..., :3] / scale, pose_enc[..., 3:]], dim=-1)
+
+
+def scene_losses(pred: dict[str, Tensor], target: Targets) -> dict[str, float]:
+    valid, w = target.valid, target.weight
+    s_pred = _scene_scale(pred["world_points"], valid)
+    s_tgt = _scene_scale(target.world_points, valid)
+    l_cam = F.huber_loss(_normalised_pose(pred["pose_enc"], s_pred), _normalised_pose(target.pose_enc, s_tgt),
+                         delta=HUBER_DELTA)
+    depth_err = (pred["depth"][..., 0] / s_pred - target.depth / s_tgt).abs()
+    point_err = (pred["world_points"] / s_pred - target.world_points / s_tgt).norm(dim=-1)
+    hw = tuple(pred["depth"].shape[1:3])
+    extrinsics, intrinsics = pose_encoding_to_extri_intri(pred["pose_enc"].double(), hw)
+    unprojected = torch.from_numpy(unproject_depth_map_to_point_map(pred["depth"], extrinsics, intrinsics)).float()
+    geo_err = (unprojected - pred["world_points"]).norm(dim=-1) / s_pred
+    weighted = lambda err: float((w * err)[valid].sum() / w[valid].sum())
+    return {"cam": float(l_cam), "depth": weighted(depth_err), "point": weighted(point_err),
+            "geo": float(geo_err[valid].mean())}
+
+
+def task_loss(preds: list[dict[str, Tensor]], targets: list[Targets]) -> tuple[float, dict[str, float]]:
+    """Weighted total and its parts, averaged over scenes."""
+    parts = {k: 0.0 for k in LOSS_WEIGHTS}
+    for pred, target in zip(preds, targets):
+        for k, v in scene_losses(pred, target).items():
+            parts[k] += v / len(preds)
+    return sum(LOSS_WEIGHTS[k] * v for k, v in parts.items()), parts
+
+
+def _rotation_angle_deg(r_a: Tensor, r_b: Tensor) -> Tensor:
+    """Angle of r_a r_b^T per frame, via quaternions (robust near 0 and 180 degrees)."""
+    q = mat_to_quat(r_a @ r_b.transpose(-1, -2))
+    return torch.rad2deg(2 * torch.atan2(q[..., :3].norm(dim=-1), q[..., 3].abs()))
+
+
+def fidelity(preds: list[dict[str, Tensor]], refs: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Each head's error against reference (FP) predictions, averaged over scenes:
+    camera rotation error (deg, per frame), camera translation error (relative to the scene scale),
+    depth AbsRel, point error (relative to the scene scale)."""
+    out = {"camera_rot_deg": 0.0, "camera_trans": 0.0, "depth_absrel": 0.0, "point_rel": 0.0}
+    for pred, ref in zip(preds, refs):
+        hw = tuple(pred["depth"].shape[1:3])
+        e_pred, _ = pose_encoding_to_extri_intri(pred["pose_enc"].double(), hw)
+        e_ref, _ = pose_encoding_to_extri_intri(ref["pose_enc"].double(), hw)
+        scale = ref["world_points"].norm(dim=-1).mean().clamp_min(1e-8).double()
+        out["camera_rot_deg"] += float(_rotation_angle_deg(e_pred[..., :3], e_ref[..., :3]).mean())
+        out["camera_trans"] += float(((e_pred[..., 3] - e_ref[..., 3]).norm(dim=-1) / scale).mean())
+        out["depth_absrel"] += float(((pred["depth"] - ref["depth"]).abs() / ref["depth"].abs().clamp_min(1e-8)).mean())
+        out["point_rel"] += float((pred["world_points"] - ref["world_points"]).norm(dim=-1).mean() / scale)
+    return {k: v / len(preds) for k, v in out.items()}
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref||^2 / ||ref||^2: the layer reconstruction error, comparable across layers."""
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-20))

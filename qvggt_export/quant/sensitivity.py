@@ -1,0 +1,108 @@
+"""Sensitivity analysis: RTN-quantize one block (or one linear type across all blocks) at a time and
+measure each head's error against the full-precision model.
+
+The score of an entry is the increase of the task loss L (objective.py) with the FP model's own
+outputs as targets: a fidelity measure that does not depend on how good the model is. Results are
+written after every entry, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import arch
+from ..io import write_json
+from ..log import logger
+from .calib import CalibrationSet
+from .objective import Targets, fidelity, predict, task_loss
+from .scale import fake_quantize_with_scales, restore, snapshot
+
+SCORE = "task loss increase vs FP outputs (RTN W4 g128)"
+
+
+@torch.no_grad()
+def _rtn_trial(model: nn.Module, linears: list[str], bits: int, calib: CalibrationSet):
+    saved = snapshot(model, linears)
+    try:
+        for name in linears:
+            weight = model.get_submodule(name).weight
+            weight.copy_(fake_quantize_with_scales(weight, bits)[0])
+        return predict(model, calib)
+    finally:
+        restore(model, saved)
+
+
+def sensitivity_analysis(model: nn.Module, calib: CalibrationSet, fp_preds: list, fp_targets: list[Targets],
+                         path: Path, identity: dict, bits: int = 4) -> dict:
+    """Fills (or resumes) the report at `path`; `identity` (model and calibration hashes) decides
+    whether a cached partial report belongs to this run."""
+    path = Path(path)
+    report = None
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("identity") == identity:
+            report = cached
+            logger.info("sensitivity: resuming %s (%d blocks, %d types done)", path, len(cached["blocks"]),
+                        len(cached["linear_types"]))
+    if report is None:
+        base, parts = task_loss(fp_preds, fp_targets)
+        report = {"identity": identity, "score": SCORE, "complete": False, "fp": {"task_loss": base, "parts": parts},
+                  "heads": {h: list(v) for h, v in arch.heads_reading(model).items()},
+                  "blocks": {}, "linear_types": {}}
+    base = report["fp"]["task_loss"]
+    jobs = [("blocks", b.name, [f"{b.name}.{t}" for t in arch.LINEAR_TYPES]) for b in arch.quant_blocks(model)]
+    all_linears = arch.quantizable_linears(model)
+    jobs += [("linear_types", t, [n for n in all_linears if arch.linear_type(n) == t]) for t in arch.LINEAR_TYPES]
+    todo = [job for job in jobs if job[1] not in report[job[0]]]
+    for section, key, linears in tqdm(todo, desc="sensitivity", unit="trial"):
+        start = time.perf_counter()
+        preds = _rtn_trial(model, linears, bits, calib)
+        loss, parts = task_loss(preds, fp_targets)
+        report[section][key] = {"score": loss - base, "task_loss": loss, "parts": parts,
+                                "fidelity": fidelity(preds, fp_preds), "seconds": time.perf_counter() - start}
+        write_json(path, report)
+    report["complete"] = True
+    write_json(path, report)
+    return report
+
+
+def save_figure(report: dict, path: Path) -> Path:
+    """PNG: per-block heat map of each head's error and the score, and bars per linear type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..io import atomic_output
+
+    blocks = list(report["blocks"])
+    metrics = ["score", "camera_rot_deg", "camera_trans", "depth_absrel", "point_rel"]
+    values = np.array([[report["blocks"][b]["score"] if m == "score" else report["blocks"][b]["fidelity"][m]
+                        for b in blocks] for m in metrics])
+    # Each row scaled to its own maximum: the metrics have different units.
+    shown = values / np.maximum(np.abs(values).max(axis=1, keepdims=True), 1e-12)
+    short = [b.replace("aggregator.frame_blocks.", "F").replace("aggregator.global_blocks.", "G")
+             .replace("camera_head.trunk.", "C") for b in blocks]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.32 * len(blocks)), 6.5),
+                             gridspec_kw={"height_ratios": [1.3, 1]})
+    im = axes[0].imshow(shown, aspect="auto", cmap="magma")
+    axes[0].set_yticks(range(len(metrics)), metrics)
+    axes[0].set_xticks(range(len(blocks)), short, rotation=90, fontsize=7)
+    axes[0].set_title("RTN one block at a time: error vs FP (each row / its max)")
+    fig.colorbar(im, ax=axes[0], fraction=0.02)
+    types = list(report["linear_types"])
+    axes[1].bar(types, [report["linear_types"][t]["score"] for t in types], color="tab:blue")
+    axes[1].set_ylabel("task loss increase")
+    axes[1].set_title("RTN one linear type at a time (all blocks)")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
