@@ -80,15 +80,19 @@ class QuantReport:
     seconds: float = 0.0
 
 
-def resolve_plan(model: nn.Module, config: QuantConfig, calibration: Calibration) -> dict:
+def plan_choice(config: QuantConfig) -> str:
+    return config.plan or ("auto" if config.parts["mixed"] else "uniform")
+
+
+def resolve_plan(model: nn.Module, config: QuantConfig, calibration: Calibration | None) -> dict:
     bits_precision = config.precision
-    choice = config.plan or ("auto" if config.parts["mixed"] else "uniform")
+    choice = plan_choice(config)
     if choice == "uniform":
         return uniform_plan(model, bits_precision)
     if choice == "paper":
         return paper_plan(model, bits_precision)
     if choice == "auto":
-        if calibration.sensitivity is None:
+        if calibration is None or calibration.sensitivity is None:
             raise InputError("--plan auto needs the sensitivity analysis (calibrate without --no-sensitivity)")
         return auto_plan(model, calibration.sensitivity, config.protect, config.threshold, bits_precision)
     return read_plan_file(model, Path(choice))
@@ -191,11 +195,13 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
     config.validate()
     start = time.perf_counter()
     parts = config.parts
+    # A plan that does not need the sensitivity report is checked before any work or output.
+    needs_sensitivity = plan_choice(config) == "auto"
+    plan = None if needs_sensitivity else resolve_plan(model_fp, config, None)
     if calibration is None:
-        needs_sensitivity = config.plan == "auto" or (config.plan is None and parts["mixed"])
         calibration = calibrate(model_fp, calib, calib_dir, sensitivity=needs_sensitivity)
+    plan = plan or resolve_plan(model_fp, config, calibration)
     model = copy.deepcopy(model_fp).float().eval()
-    plan = resolve_plan(model, config, calibration)
     logger.info(summarize(plan))
     fp_preds = predict(model_fp, calib)
     check_finite(fp_preds, "the full-precision model")
