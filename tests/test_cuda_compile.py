@@ -1,0 +1,48 @@
+"""The CUDA sources compile for Jetson Orin (sm_87) and H100 (sm_90); no GPU is needed or used."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qvggt_export.kernels.binding import PLUGIN_SOURCE_DIR, build_library, find_nvcc, open_library, workspace_bytes
+from qvggt_export.kernels.layout import KERNEL_LAYOUT
+
+ARCHS = [87, 90]
+VGGT_SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024),
+               (2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)]
+
+pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (the CUDA toolkit) is not installed")
+
+
+def test_kernel_library_builds_for_sm87_and_sm90_and_agrees_with_the_python_side(tmp_path):
+    library = build_library(ARCHS, output_dir=tmp_path)
+    assert library.is_file()
+
+    cuobjdump = Path(find_nvcc()).with_name("cuobjdump")
+    if cuobjdump.is_file():
+        listing = subprocess.run([str(cuobjdump), "--list-elf", str(library)], capture_output=True, text=True).stdout
+        assert all(f"sm_{arch}" in listing for arch in ARCHS), listing
+
+    # the CUDA runtime is linked statically: the library loads and its host functions run without a GPU
+    lib = open_library(library)
+    assert lib.qvggt_w4a16_kernel_layout().decode() == KERNEL_LAYOUT
+    for k, n in VGGT_SHAPES:
+        assert lib.qvggt_w4a16_workspace_bytes(n, k) == workspace_bytes(n, k)
+    assert lib.qvggt_w4a16_use_fused(1, 1024, 1024) == 1
+    assert lib.qvggt_w4a16_use_fused(43968, 1024, 1024) == 0
+
+    rebuilt = build_library(ARCHS, output_dir=tmp_path)
+    assert rebuilt == library  # cached by source hash
+
+
+@pytest.mark.skipif(not os.environ.get("TENSORRT_ROOT"), reason="TENSORRT_ROOT (TensorRT C++ headers) is not set")
+def test_cpp_plugin_compiles_against_tensorrt_headers():
+    cuda_include = Path(find_nvcc()).parents[1] / "include"
+    compiler = shutil.which("g++") or shutil.which("c++")
+    command = [compiler, "-std=c++17", "-fsyntax-only", f"-I{os.environ['TENSORRT_ROOT']}/include",
+               f"-I{cuda_include}", str(PLUGIN_SOURCE_DIR / "w4a16_plugin.cpp")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
