@@ -2,7 +2,9 @@
 
 L = L_cam + 0.1 L_depth + 0.1 L_point + L_geo (DESIGN.md): L_cam is a Huber loss on the pose
 encoding, L_depth / L_point are confidence-weighted errors, L_geo compares the point map with the depth
-unprojected through the predicted cameras. Scenes have no common metric scale (ground truth is in
+unprojected through the predicted cameras. L_geo is measured against the target's own residual (zero
+for exact ground truth; the FP model's inconsistency for pseudo ground truth), so that every part of L
+is zero when the prediction equals the target. Scenes have no common metric scale (ground truth is in
 metres, the model predicts in its own normalised units), so every length is divided by its scene's mean
 point distance first - the normalisation VGGT trains with.
 """
@@ -31,6 +33,7 @@ class Targets:
     world_points: Tensor  # [S, H, W, 3]
     valid: Tensor  # [S, H, W] bool
     weight: Tensor  # [S, H, W]: FP depth confidence, normalised to mean 1 over valid pixels
+    geo_residual: Tensor  # [S, H, W, 3]: (unprojected depth - point map) / scene scale of the target
 
 
 def check_finite(preds: list[dict[str, Tensor]], what: str) -> None:
@@ -65,12 +68,20 @@ def make_targets(calib: CalibrationSet, fp_preds: list[dict[str, Tensor]], use_g
             pose, depth, points = fp["pose_enc"], fp["depth"][..., 0], fp["world_points"]
             valid = torch.ones_like(depth, dtype=torch.bool)
         weight = weight / weight[valid].mean().clamp_min(1e-12)
-        targets.append(Targets(pose.float(), depth, points, valid, weight))
+        residual = _geo_residual(pose.float(), depth, points, _scene_scale(points, valid))
+        targets.append(Targets(pose.float(), depth, points, valid, weight, residual))
     return targets
 
 
 def _scene_scale(points: Tensor, valid: Tensor) -> Tensor:
     return points[valid].norm(dim=-1).mean().clamp_min(1e-8)
+
+
+def _geo_residual(pose_enc: Tensor, depth: Tensor, points: Tensor, scale: Tensor) -> Tensor:
+    hw = tuple(depth.shape[1:3])
+    extrinsics, intrinsics = pose_encoding_to_extri_intri(pose_enc.double(), hw)
+    unprojected = torch.from_numpy(unproject_depth_map_to_point_map(depth, extrinsics, intrinsics)).float()
+    return (unprojected - points) / scale
 
 
 def _normalised_pose(pose_enc: Tensor, scale: Tensor) -> Tensor:
@@ -85,10 +96,8 @@ def scene_losses(pred: dict[str, Tensor], target: Targets) -> dict[str, float]:
                          delta=HUBER_DELTA)
     depth_err = (pred["depth"][..., 0] / s_pred - target.depth / s_tgt).abs()
     point_err = (pred["world_points"] / s_pred - target.world_points / s_tgt).norm(dim=-1)
-    hw = tuple(pred["depth"].shape[1:3])
-    extrinsics, intrinsics = pose_encoding_to_extri_intri(pred["pose_enc"].double(), hw)
-    unprojected = torch.from_numpy(unproject_depth_map_to_point_map(pred["depth"], extrinsics, intrinsics)).float()
-    geo_err = (unprojected - pred["world_points"]).norm(dim=-1) / s_pred
+    residual = _geo_residual(pred["pose_enc"], pred["depth"][..., 0], pred["world_points"], s_pred)
+    geo_err = (residual - target.geo_residual).norm(dim=-1)
     weighted = lambda err: float((w * err)[valid].sum() / w[valid].sum())
     return {"cam": float(l_cam), "depth": weighted(depth_err), "point": weighted(point_err),
             "geo": float(geo_err[valid].mean())}
