@@ -1,0 +1,41 @@
+"""Named configs of small VGGT models trained in this project (same code as VGGT-1B, smaller shape).
+
+`vggt-tiny` is the embedded default model (qvggt_export/weights/vggt_tiny.safetensors, trained by
+scripts/train_tiny.py; see weights/vggt_tiny.md). Every aggregator linear has its input dimension K
+a multiple of 128 (qkv/proj/fc1: K = embed_dim; fc2: K = 4 * embed_dim; camera trunk: K = 2 * embed_dim)
+so the model can be group-128 quantized exactly like VGGT-1B.
+"""
+
+from __future__ import annotations
+
+from .config import VGGTConfig
+
+TINY_CONFIG = dict(
+    img_size=112,
+    patch_size=14,
+    patch_embed="conv",
+    embed_dim=128,
+    depth=8,
+    num_heads=4,
+    mlp_ratio=4.0,
+    num_register_tokens=4,
+    camera_trunk_depth=4,
+    camera_num_heads=4,
+    dpt_features=32,
+    dpt_out_channels=(16, 32, 64, 64),
+    intermediate_layer_idx=(1, 3, 5, 7),
+    carry_track_head=False,
+)
+
+PRESETS = {"vggt-tiny": TINY_CONFIG}
+
+
+def tiny_config(**overrides) -> VGGTConfig:
+    """VGGTConfig of `vggt-tiny`, optionally with fields overridden (for experiments)."""
+    return VGGTConfig(**{**TINY_CONFIG, **overrides})
+
+
+def preset_config(name: str, **overrides) -> VGGTConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return VGGTConfig(**{**PRESETS[name], **overrides})
