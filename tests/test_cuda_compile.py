@@ -46,3 +46,18 @@ def test_cpp_plugin_compiles_against_tensorrt_headers():
                f"-I{cuda_include}", str(PLUGIN_SOURCE_DIR / "w4a16_plugin.cpp")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow  # 20-25 s on 2 busy cores
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_builds_the_kernel_library_without_tensorrt(tmp_path):
+    configure = subprocess.run(["cmake", "-S", str(PLUGIN_SOURCE_DIR), "-B", str(tmp_path),
+                                f"-DCMAKE_CUDA_COMPILER={find_nvcc()}", "-DCMAKE_CUDA_ARCHITECTURES=87;90",
+                                "-DTENSORRT_ROOT=", "-DTENSORRT_INCLUDE_DIR=", "-DTENSORRT_LIBRARY="],
+                               capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stderr
+    build = subprocess.run(["cmake", "--build", str(tmp_path), "--target", "qvggt_w4a16", "-j", "2"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+    lib = open_library(tmp_path / "libqvggt_w4a16.so")
+    assert lib.qvggt_w4a16_workspace_bytes(2048, 8192) == workspace_bytes(2048, 8192)
