@@ -54,16 +54,33 @@ def plan_preprocessing(width: int, height: int, mode: str = "crop") -> ResizePla
     return ResizePlan((new_h, new_w), 0, max(pad_h, 0) // 2, max(pad_w, 0) // 2, (TARGET_SIZE, TARGET_SIZE))
 
 
-def open_rgb(path) -> Image.Image:
-    """An image file as RGB, alpha composited on white; InputError naming the file if unreadable."""
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(f"not a readable image: {path} ({type(exc).__name__})")
+
+
+def _open_image(path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     try:
-        image = Image.open(path)
-        image.load()
+        return Image.open(path)
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"not a readable image: {path} ({type(exc).__name__})") from None
+        raise _unreadable(path, exc) from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header; InputError naming the file if unreadable."""
+    with _open_image(path) as image:
+        return image.size
+
+
+def open_rgb(path) -> Image.Image:
+    """An image file as RGB, alpha composited on white; InputError naming the file if unreadable."""
+    image = _open_image(path)
+    try:
+        image.load()
+    except OSError as exc:  # e.g. a truncated file: the header was fine, the pixels are not
+        raise _unreadable(Path(path), exc) from None
     if image.mode == "RGBA":
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("RGB")
