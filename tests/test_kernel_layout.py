@@ -72,3 +72,28 @@ def test_dequantization_is_the_quantized_weight():
 def test_shapes_the_kernel_cannot_take_are_refused(packed_shape, scales_shape):
     with pytest.raises(QVGGTError):
         to_kernel_layout(torch.zeros(packed_shape, dtype=torch.uint8), torch.ones(scales_shape, dtype=torch.float16))
+
+
+def test_kernel_linear_on_cpu_matches_the_canonical_reference():
+    from torch import nn
+
+    from qvggt_export.kernels.linear import KernelLinear, install_kernel_linears
+    from qvggt_export.quant.linear import QuantLinear
+
+    torch.manual_seed(2)
+    linear = nn.Linear(256, 64)
+    x = torch.randn(3, 5, 256)
+    packed, scales = pack_weight(linear.weight.detach())
+    reference = torch.nn.functional.linear(x, unpack_weight(packed, scales, dtype=torch.float16).float(),
+                                           linear.bias.detach().half().float())
+    assert torch.allclose(KernelLinear.from_linear(linear)(x), reference, atol=1e-5)
+
+    quant = QuantLinear.from_linear(linear)
+    quant.input_scale = torch.linspace(0.5, 2.0, 256)
+    kernel = KernelLinear.from_linear(quant)
+    assert torch.allclose(kernel(x), quant(x), atol=1e-3)
+
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 8))
+    install_kernel_linears(model, ["0", "2"])
+    assert isinstance(model[0], KernelLinear) and isinstance(model[2], KernelLinear)
+    assert model(torch.randn(2, 128)).shape == (2, 8)
