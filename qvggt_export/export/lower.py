@@ -1,0 +1,206 @@
+"""Lowerings of `qvggt::W4A16MatMul` nodes with onnx-graphsurgeon, each checked by onnx.checker and
+shape inference.
+
+  ort     com.microsoft MatMulNBits (accuracy_level 0: fp activations, as the node means)
+  qdq     standard INT4/INT8 DequantizeLinear(axis 0, block_size 128) on a [K, N] weight + MatMul
+          (+ Add bias): the pattern TensorRT 10 and ModelOpt use, and that ORT fuses itself
+  plugin  the custom nodes as they are, with the weight in the TensorRT plugin's kernel layout
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError, QVGGTError
+from ..log import logger
+from . import custom_op
+
+TARGETS = ("ort", "qdq", "plugin")
+META_TARGET = "qvggt.lowering"
+
+
+def custom_nodes(graph) -> list:
+    return [n for n in graph.nodes if n.op == custom_op.OP_TYPE and n.domain == custom_op.DOMAIN]
+
+
+def _attrs(node) -> tuple[int, int, int, int]:
+    a = node.attrs
+    return int(a["K"]), int(a["N"]), int(a["group_size"]), int(a["bits"])
+
+
+def _codes(node) -> np.ndarray:
+    """The node's weight as int8 codes [N, K] (canonical layout)."""
+    K, N, _, bits = _attrs(node)
+    w = node.inputs[1].values
+    if bits == 8:
+        return w.reshape(N, K)
+    u = w.view(np.uint8).reshape(N, K // 2)
+    return np.stack([(u & 0x0F).astype(np.int8) - 8, (u >> 4).astype(np.int8) - 8], axis=-1).reshape(N, K)
+
+
+def _act_dtype(node):
+    dtype = node.outputs[0].dtype or node.inputs[0].dtype
+    return np.dtype(np.float16) if np.dtype(dtype) == np.float16 else np.dtype(np.float32)
+
+
+def _shared(cache: dict, node, make):
+    """One set of lowered constants per source weight: nodes that share a weight keep sharing it."""
+    key = node.inputs[1].name
+    if key not in cache:
+        cache[key] = make(node.attrs["qvggt_layer"] if "qvggt_layer" in node.attrs else key)
+    return cache[key]
+
+
+def _to_ort(graph, node, cache: dict) -> None:
+    import onnx_graphsurgeon as gs
+
+    K, N, group, bits = _attrs(node)
+    # MatMulNBits stores unsigned codes with the implicit zero point 2^(bits-1): for bits 4 that is
+    # the canonical (q + 8) nibble packing, viewed as [N, K/group, group/2].
+    if bits == 4:
+        packed = node.inputs[1].values.view(np.uint8).reshape(N, K // group, group // 2)
+    else:
+        packed = (node.inputs[1].values.astype(np.int16) + 128).astype(np.uint8).reshape(N, K // group, group)
+    scales = node.inputs[2].values.astype(_act_dtype(node))
+    weight, scales = _shared(cache, node, lambda name: (gs.Constant(f"{name}.B", np.ascontiguousarray(packed)),
+                                                         gs.Constant(f"{name}.scales", np.ascontiguousarray(scales))))
+    inputs = [node.inputs[0], weight, scales]
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        # MatMulNBits inputs: A, B, scales, zero_points, g_idx, bias.
+        inputs += [gs.Variable.empty(), gs.Variable.empty(), node.inputs[3]]
+    graph.nodes.append(gs.Node("MatMulNBits", name=node.name, domain="com.microsoft", inputs=inputs,
+                               outputs=list(node.outputs),
+                               attrs={"K": K, "N": N, "bits": bits, "block_size": group, "accuracy_level": 0}))
+
+
+def _int4_initializer(name: str, codes_kn: np.ndarray):
+    """int8 codes [K, N] in [-8, 7] -> an INT4 TensorProto wrapped for graphsurgeon.
+
+    ONNX packs INT4 two per byte in flat order, the first element in the low nibble. graphsurgeon
+    cannot build or read INT4 constants from numpy (ONNX_NOTES: 'Raw data size does not match'), so
+    the TensorProto is made here and passed as LazyValues."""
+    import onnx
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    flat = (codes_kn.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    raw = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=list(codes_kn.shape), raw_data=raw)
+    return LazyValues(tensor)
+
+
+def _qdq_constants(node, name: str):
+    import onnx_graphsurgeon as gs
+
+    codes = np.ascontiguousarray(_codes(node).T)  # [K, N]: axis-0 blocks are what ORT and TensorRT fuse
+    if int(node.attrs["bits"]) == 4:
+        weight = gs.Constant(f"{name}.weight_int4", _int4_initializer(f"{name}.weight_int4", codes))
+    else:
+        weight = gs.Constant(f"{name}.weight_int8", codes)
+    scales = gs.Constant(f"{name}.scales", np.ascontiguousarray(node.inputs[2].values.astype(_act_dtype(node)).T))
+    return weight, scales
+
+
+def _to_qdq(graph, node, cache: dict) -> None:
+    import onnx_graphsurgeon as gs
+
+    K, N, group, bits = _attrs(node)
+    name = node.name
+    weight, scales = _shared(cache, node, lambda layer: _qdq_constants(node, layer))
+    # Each call dequantizes for itself: TensorRT and ORT fuse a DequantizeLinear only into a single
+    # consumer (ONNX_NOTES).
+    dq_out = gs.Variable(f"{name}.weight", dtype=_act_dtype(node), shape=[K, N])
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.dq", inputs=[weight, scales], outputs=[dq_out],
+                               attrs={"axis": 0, "block_size": group}))
+    has_bias = len(node.inputs) > 3 and node.inputs[3].name
+    y = list(node.outputs)
+    mm_out = gs.Variable(f"{name}.matmul", dtype=_act_dtype(node)) if has_bias else y[0]
+    graph.nodes.append(gs.Node("MatMul", name=f"{name}.matmul", inputs=[node.inputs[0], dq_out], outputs=[mm_out]))
+    if has_bias:
+        graph.nodes.append(gs.Node("Add", name=f"{name}.bias", inputs=[mm_out, node.inputs[3]], outputs=y))
+
+
+def _to_plugin(graph, node, cache: dict) -> None:
+    """Weight and scales into the kernel layout of the TensorRT plugin (qvggt_export.kernels.layout)."""
+    import onnx_graphsurgeon as gs
+
+    try:
+        from ..kernels.layout import KERNEL_LAYOUT, to_kernel_layout
+    except ImportError:
+        raise QVGGTError("--target plugin needs qvggt_export.kernels.layout (the W4A16 kernel's weight layout), "
+                         "which this install lacks") from None
+    import torch
+
+    K, N, group, bits = _attrs(node)
+    if bits != 4:
+        return  # the plugin kernel is W4 only; W8 nodes keep the canonical layout and the ref path
+    packed = torch.from_numpy(node.inputs[1].values.view(np.uint8).reshape(N, K // 2).copy())
+    scales = torch.from_numpy(node.inputs[2].values.reshape(N, K // group).copy())
+
+    def make(name):
+        weight, kscales = to_kernel_layout(packed, scales)
+        return (gs.Constant(f"{name}.weight_kernel", np.ascontiguousarray(weight.cpu().numpy()).view(np.int8)),
+                gs.Constant(f"{name}.scales_kernel", np.ascontiguousarray(kscales.cpu().numpy().astype(np.float16))))
+
+    node.inputs[1], node.inputs[2] = _shared(cache, node, make)
+    node.attrs["layout"] = KERNEL_LAYOUT
+
+
+def lower(model, target: str, check: bool = True):
+    """ModelProto with custom nodes -> ModelProto for `target` (metadata kept, lowering recorded)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    graph = gs.import_onnx(model)
+    nodes = custom_nodes(graph)
+    rewrite = {"ort": _to_ort, "qdq": _to_qdq, "plugin": _to_plugin}[target]
+    cache: dict = {}
+    for node in nodes:
+        rewrite(graph, node, cache)
+        if target != "plugin":
+            node.outputs.clear()  # detached: cleanup() removes it and its now unused initializers
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    keep_domain = target == "plugin" and nodes
+    # graphsurgeon adds the imports of the domains it sees but keeps stale ones (ONNX_NOTES).
+    imports = {o.domain: o.version for o in out.opset_import
+               if o.domain != custom_op.DOMAIN or keep_domain}
+    if target == "ort" and nodes:
+        imports["com.microsoft"] = 1
+    del out.opset_import[:]
+    out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    out.ir_version = model.ir_version
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta[META_TARGET] = target
+    del out.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        out.metadata_props.add(key=key, value=value)
+    if check:
+        check_model(out)
+    logger.debug("lowered %d custom nodes to %s", len(nodes), target)
+    return out
+
+
+def check_model(model) -> None:
+    """onnx.checker (full) + strict shape inference on graphs that fit in one protobuf."""
+    import onnx
+
+    if model.ByteSize() > 2_000_000_000:
+        logger.warning("model over 2 GB: checker and shape inference run on the saved file only")
+        return
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise QVGGTError(f"lowered graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+
+
+def count_ops(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,282 @@
+"""PyTorch VGGT (full precision or quantized) -> ONNX with dynamic frames and `qvggt::W4A16MatMul` nodes.
+
+Export-only changes live in `export_patches` (optimum's ModelPatcher idea): the model source stays as
+it is, and every change is undone when the export is over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, InputError, QVGGTError
+from ..log import logger
+from . import spec
+from .spec import ExportConfig
+
+# Protobuf cannot hold more than 2 GiB; above this many weight bytes the model goes to external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+class ExportValidationError(QVGGTError):
+    """The exported graph does not compute what the PyTorch model computes."""
+
+
+def quant_linears(model: nn.Module) -> dict[str, nn.Module]:
+    from ..quant.linear import QuantLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def check_plan(model: nn.Module) -> dict | None:
+    """The model's plan, after checking that it describes the QuantLinear modules the model holds."""
+    linears = quant_linears(model)
+    plan = getattr(model, "quant_plan", None)
+    if plan is None:
+        if linears:
+            raise CheckpointError(f"the model holds {len(linears)} quantized linears but no quantization plan")
+        return None
+    planned = {name: p for name, p in plan.get("layers", {}).items() if p != "fp16"}
+    held = {name: m.precision for name, m in linears.items()}
+    if planned != held:
+        diff = sorted(set(planned.items()) ^ set(held.items()))
+        raise CheckpointError(f"quantization plan and checkpoint disagree on {len(diff)} layer(s), e.g. "
+                              f"{', '.join(f'{n}={p}' for n, p in diff[:3])}")
+    return plan
+
+
+class _GraphModule(nn.Module):
+    """float32 images [1, S, 3, H, W] -> the spec's outputs as float32, whatever the compute dtype, so
+    every precision variant has the same interface."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        preds = self.model(images.to(self.dtype))
+        return tuple(preds[name].float() for name in spec.OUTPUT_NAMES)
+
+
+def _first_and_rest_indexed(token: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    # Same values as the eager version, but `expand(..., frames - 1, ...)` of a size-1 dim makes
+    # torch.export guard on frames - 1 == 1 and specialise the frame count; an index_select does not.
+    index = (torch.arange(frames, device=token.device) > 0).long()
+    return token.index_select(1, index).expand(batch, -1, *token.shape[2:]).reshape(batch * frames, *token.shape[2:])
+
+
+def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from .custom_op import w4a16_matmul
+
+    if self.input_scale is not None:  # the explicit AWQ inverse scale (before fc2): a plain Mul node
+        x = x * self.input_scale.to(x.dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return w4a16_matmul(x, self.onnx_weight, self.scales, bias, self.in_features, self.out_features,
+                        self.group_size, self.bits, self.export_name, self.export_block, self.precision)
+
+
+@contextlib.contextmanager
+def export_patches(model: nn.Module) -> Iterator[None]:
+    """QuantLinear -> the custom op (with its weight as INT8), and the frame-count-agnostic token
+    expansion; all undone on exit."""
+    from .. import arch
+    from ..model import aggregator as aggregator_module
+
+    patched = []
+    original_first_and_rest = aggregator_module.first_and_rest
+    try:
+        aggregator_module.first_and_rest = _first_and_rest_indexed
+        for name, module in quant_linears(model).items():
+            weight = module.qweight.view(torch.int8) if module.bits == 4 else module.qweight
+            module.register_buffer("onnx_weight", weight.clone(), persistent=False)
+            module.export_name = name
+            try:
+                module.export_block = arch.block_of(name)
+            except ValueError:
+                module.export_block = ""
+            module.forward = _quant_forward.__get__(module)
+            patched.append(module)
+        yield
+    finally:
+        aggregator_module.first_and_rest = original_first_and_rest
+        for module in patched:
+            del module.forward, module.export_name, module.export_block
+            del module._buffers["onnx_weight"]
+
+
+def metadata(model: nn.Module, config: ExportConfig, plan: dict | None) -> dict[str, str]:
+    meta = {spec.META_SPEC: json.dumps(config.to_dict(), sort_keys=True),
+            spec.META_CONFIG: json.dumps(model.config.to_dict(), sort_keys=True)}
+    if plan is not None:
+        meta[spec.META_PLAN] = json.dumps(plan, sort_keys=True)
+        meta[spec.META_PROVENANCE] = json.dumps(getattr(model, "quant_info", {}), sort_keys=True, default=str)
+    return meta
+
+
+def _check_precision(model: nn.Module, config: ExportConfig, plan: dict | None) -> None:
+    quantized = bool(quant_linears(model))
+    if config.precision in ("w4a16", "w8a16"):
+        if not quantized:
+            raise InputError(f"--precision {config.precision} needs a quantized checkpoint "
+                             "(run `qvggt-export quantize` or `qvggt-export build`)")
+        if plan.get("default_precision") != config.precision:
+            raise InputError(f"the checkpoint is quantized to {plan.get('default_precision')}, "
+                             f"not {config.precision}")
+    elif quantized:
+        raise InputError(f"--precision {config.precision} asks for a float graph, but the checkpoint is "
+                         f"quantized ({plan.get('default_precision')}); pass --precision "
+                         f"{plan.get('default_precision')}")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig = ExportConfig()) -> Path:
+    """Writes `path` (and `path`.data when the weights exceed 2 GB); validates against the PyTorch
+    model unless config.validate is False."""
+    from .custom_op import _translation
+
+    path = Path(path)
+    model = model.eval()
+    config.check(model.config.patch_size)
+    plan = check_plan(model)
+    _check_precision(model, config, plan)
+    dtype = torch.float16 if config.dtype == "fp16" else torch.float32
+    graph_model = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
+    h, w = config.image_size
+    # Trace with 2 frames: 1 would let torch.export specialise the frame axis to a constant.
+    example = torch.rand(1, max(2, config.min_frames), 3, h, w)
+    frames = torch.export.Dim(spec.FRAME_DIM, min=config.min_frames, max=config.max_frames)
+    start = time.perf_counter()
+    with export_patches(graph_model), torch.no_grad():
+        program = torch.onnx.export(
+            _GraphModule(graph_model, dtype).eval(), (example,), None, dynamo=True, opset_version=spec.OPSET,
+            input_names=[spec.INPUT_NAME], output_names=list(spec.OUTPUT_NAMES),
+            dynamic_shapes={"images": {spec.FRAME_AXIS: frames}},
+            custom_translation_table=_translation(), optimize=True, verbose=False)
+    ir_model = program.model
+    calls: dict[str, int] = {}
+    for node in ir_model.graph:
+        if node.domain == "qvggt":
+            # Readable, stable and unique names: a layer run more than once (the camera trunk runs
+            # once per refinement iteration) gets one node per call, sharing one weight.
+            layer = node.attributes["qvggt_layer"].value
+            node.name = layer if layer not in calls else f"{layer}:{calls[layer]}"
+            calls[layer] = calls.get(layer, 0) + 1
+    ir_model.metadata_props.update(metadata(model, config, plan))
+    ir_model.producer_name = "qvggt-export"
+    weight_bytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values()
+                       if v.const_value is not None)
+    save_onnx(lambda tmp: program.save(tmp, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD), path)
+    logger.info("exported %s (%s, %d custom nodes) in %.1f s", path, config.precision,
+                sum(n.domain == "qvggt" for n in ir_model.graph), time.perf_counter() - start)
+    if config.validate:
+        validate_export(model, path, config)
+    return path
+
+
+def save_onnx(write, path: Path) -> None:
+    """Atomic save of a model that may come with `<name>.data` external data: both are written in a
+    temporary folder beside `path` under their final names (the model refers to its data file by
+    name), then moved, the model last, so a killed run never leaves a model without its data."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise QVGGTError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+    try:
+        tmp = tmpdir / path.name
+        write(tmp)
+        data, final_data = tmpdir / (path.name + ".data"), path.with_name(path.name + ".data")
+        if data.exists():
+            os.replace(data, final_data)
+        elif final_data.exists():
+            final_data.unlink()  # left by an earlier, larger export of the same name
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def save_proto(model, path: Path) -> None:
+    import onnx
+
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    save_onnx(lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=external,
+                                          all_tensors_to_one_file=True, location=path.name + ".data"), path)
+
+
+def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
+    """An ONNX file -> ModelProto, with one-line errors for missing, truncated or corrupt files."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...: all mean unusable
+        raise InputError(f"{path} is not a readable ONNX model (truncated or corrupt?): "
+                         f"{type(exc).__name__}") from None
+    outputs = {o.name for o in model.graph.output}
+    if not model.graph.node or not outputs:
+        raise InputError(f"{path} is not a complete ONNX model (no nodes or outputs; truncated?)")
+    return model
+
+
+def model_metadata(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def random_images(frames: int, image_size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.random((1, frames, 3, *image_size), dtype=np.float32)
+
+
+def torch_outputs(model: nn.Module, images: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outs = _GraphModule(model, torch.float32)(torch.from_numpy(images))
+    return {name: out.numpy() for name, out in zip(spec.OUTPUT_NAMES, outs)}
+
+
+def relative_errors(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """max |out - ref| / (ref max - ref min) per output."""
+    errors = {}
+    for name, ref in reference.items():
+        span = float(ref.max() - ref.min()) or 1.0
+        errors[name] = float(np.abs(outputs[name].astype(np.float32) - ref).max()) / span
+    return errors
+
+
+def validate_export(model: nn.Module, path: Path, config: ExportConfig) -> dict[str, dict[str, float]]:
+    """ONNX Runtime vs the PyTorch model at the smallest and the optimal frame count (custom nodes
+    are run through the `ort` lowering, the only form ONNX Runtime can execute)."""
+    from .lower import lower
+    from .runtime import ort_session
+
+    onnx_model = lower(load_onnx(path), "ort")
+    session = ort_session(onnx_model)
+    tolerance = spec.REL_TOL[config.dtype]
+    report = {}
+    for frames in sorted({config.min_frames, config.opt_frames}):
+        images = random_images(frames, config.image_size, seed=frames)
+        got = dict(zip(spec.OUTPUT_NAMES, session.run(list(spec.OUTPUT_NAMES), {spec.INPUT_NAME: images})))
+        errors = relative_errors(got, torch_outputs(model, images))
+        report[f"S={frames}"] = errors
+        bad = {k: v for k, v in errors.items() if not v <= tolerance[k]}
+        if bad:
+            raise ExportValidationError(f"{path}: ONNX Runtime differs from PyTorch at S={frames}: " + ", ".join(
+                f"{k} {v:.2e} > {tolerance[k]:.0e}" for k, v in bad.items()))
+    logger.info("validated %s against PyTorch: worst relative error %.2e", path,
+                max(max(e.values()) for e in report.values()))
+    return report
