@@ -56,13 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", default=",".join(map(str, FRAMES)), help="end-to-end frame counts S")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per kernel measurement")
     parser.add_argument("--skip-e2e", action="store_true", help="kernel checks only")
-    parser.add_argument("--arch", type=int, default=90, help="dry run only: SM architecture to build for")
+    parser.add_argument("--arch", default="90", help="dry run only: comma-separated SM architectures to build for")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
     try:
         args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
         args.m = [int(v) for v in args.m.split(",")]
         args.frames = [int(v) for v in args.frames.split(",")]
+        args.arch = [int(v) for v in args.arch.split(",")]
     except ValueError as error:
         parser.error(f"bad list: {error}")
     if any(len(s) != 2 for s in args.shapes):
@@ -272,9 +273,10 @@ def dry_run(args) -> int:
     logger.info("CPU emulation of the kernel's dequantization vs reference at M=%s: max error %.1e of the output "
                 "range (limit %.0e)", small_m, worst, TOLERANCE)
     try:
-        library = binding.open_library(binding.build_library([args.arch]))
+        library = binding.open_library(binding.build_library(args.arch))
         table = {m: "fused" if library.qvggt_w4a16_use_fused(m, 1024, 1024) else "dequant+cuBLAS" for m in args.m}
-        logger.info("kernel library builds for sm_%d; dispatch by M (default threshold, unmeasured): %s", args.arch, table)
+        logger.info("kernel library builds for sm_%s; dispatch by M (default threshold, unmeasured): %s",
+                    ",".join(map(str, args.arch)), table)
     except QVGGTError as error:
         logger.info("kernel build skipped: %s", error)
     if not args.skip_e2e:
