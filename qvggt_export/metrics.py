@@ -48,6 +48,10 @@ def _relative_poses(se3: np.ndarray) -> np.ndarray:
 def _rotation_errors(rotation_pred: np.ndarray, rotation_gt: np.ndarray) -> np.ndarray:
     q_pred = mat_to_quat(torch.from_numpy(rotation_pred)).numpy()
     q_gt = mat_to_quat(torch.from_numpy(rotation_gt)).numpy()
+    # Rotations stored in float32 are orthonormal to ~1e-8 only, so their quaternions are not quite
+    # unit; near-zero errors go through a square root below and 1e-8 would read as ~0.02 degrees.
+    q_pred /= np.linalg.norm(q_pred, axis=-1, keepdims=True)
+    q_gt /= np.linalg.norm(q_gt, axis=-1, keepdims=True)
     loss = np.clip(1 - (q_pred * q_gt).sum(-1) ** 2, _EPS, None)
     return np.degrees(np.arccos(1 - 2 * loss))
 

@@ -496,22 +496,23 @@ def read_nrgbd(root, selector: _FrameSelector, stride: int = KEYFRAME_STRIDE) ->
     return sources
 
 
-class _SyntheticReader(DatasetReader):
-    """The fixed synthetic-val scenes; `sources` are their seeds, rendered during iteration."""
+class SyntheticReader(DatasetReader):
+    """Scenes of a named synthetic set; `sources` are their seeds, rendered during iteration."""
 
-    def __init__(self, num_views: int | None, max_scenes: int | None):
-        from .synthetic import SYNTHETIC_VAL
+    def __init__(self, spec=None, num_views: int | None = None, max_scenes: int | None = None,
+                 image_size: tuple[int, int] | None = None):
+        from .synthetic import SYNTHETIC_VAL, check_image_size
 
-        self.spec = SYNTHETIC_VAL
-        self.num_views = num_views or SYNTHETIC_VAL.num_views
-        seeds = SYNTHETIC_VAL.seeds[:max_scenes] if max_scenes else SYNTHETIC_VAL.seeds
-        super().__init__(SYNTHETIC_VAL.name, list(seeds), [])
+        self.spec = spec or SYNTHETIC_VAL
+        self.num_views = num_views or self.spec.num_views
+        self.image_size = check_image_size(image_size or self.spec.image_size)
+        super().__init__(self.spec.name, list(self.spec.seeds[:max_scenes]), [])
 
     def __iter__(self) -> Iterator[Sequence]:
         from .synthetic import render_scene
 
         for seed in self.sources:
-            scene = render_scene(seed, self.num_views, self.spec.image_size)
+            scene = render_scene(seed, self.num_views, self.image_size)
             yield Sequence(
                 f"seed-{seed}", self.spec.name, torch.from_numpy(scene.images),
                 extrinsics=scene.extrinsics.astype(np.float64), intrinsics=scene.intrinsics.astype(np.float64),
@@ -524,8 +525,11 @@ _READERS = {"folder": read_folder, "co3d": read_co3d, "re10k": read_re10k, "7sce
 
 
 def open_dataset(name: str, root=None, frames: int | None = None, seed: int = 0,
-                 max_scenes: int | None = None) -> DatasetReader:
-    """List a dataset's sequences and select their frames (layout errors raise InputError here)."""
+                 max_scenes: int | None = None, image_size: tuple[int, int] | None = None) -> DatasetReader:
+    """List a dataset's sequences and select their frames (layout errors raise InputError here).
+
+    `image_size` (H, W) renders synthetic-val at another size (quick runs of small models).
+    """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if max_scenes is not None and max_scenes < 1:
@@ -533,7 +537,9 @@ def open_dataset(name: str, root=None, frames: int | None = None, seed: int = 0,
     if name == "synthetic-val":
         if frames is not None and frames < 1:
             raise InputError(f"--frames must be at least 1, got {frames}")
-        return _SyntheticReader(frames, max_scenes)
+        return SyntheticReader(num_views=frames, max_scenes=max_scenes, image_size=image_size)
+    if image_size is not None:
+        raise InputError("an image size applies to synthetic-val only (real images use the released preprocessing)")
     selector = _FrameSelector(frames, seed)
     sources = _READERS[name](root, selector)
     if max_scenes is not None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..geometry import to_first_camera_frame
+from ..io import atomic_output
 
 TRAIN_SEEDS = range(0, 1_000_000)
 VAL_SEEDS = range(1_000_000, 1_000_010)
@@ -466,7 +467,7 @@ def _render_view(layout: _SceneLayout, extrinsic: np.ndarray, intrinsic: np.ndar
     )
 
 
-def _check_image_size(image_size) -> tuple[int, int]:
+def check_image_size(image_size) -> tuple[int, int]:
     height, width = (int(x) for x in image_size)
     if height <= 0 or width <= 0 or height % 14 or width % 14:
         raise InputError(f"image size must be positive multiples of 14 (H, W), got {tuple(image_size)}")
@@ -477,7 +478,7 @@ def render_scene(seed: int, num_views: int = 10, image_size=DEFAULT_IMAGE_SIZE) 
     """Render `num_views` views of the scene drawn from `seed`, with exact ground truth."""
     if num_views < 1:
         raise InputError(f"num_views must be at least 1, got {num_views}")
-    image_size = _check_image_size(image_size)
+    image_size = check_image_size(image_size)
     layout = _layout(seed, num_views, image_size)
     views = [_render_view(layout, e, k, image_size) for e, k in zip(layout.extrinsics, layout.intrinsics)]
     images, depth, points, valid = (np.stack(parts) for parts in zip(*views))
@@ -524,8 +525,7 @@ def save_scene_figure(scene: Scene, path) -> Path:
         axis.set_axis_off()
     figure.suptitle(f"synthetic scene, seed {scene.seed}", fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
-    return path
+    return Path(path)
