@@ -58,7 +58,10 @@ class ExportConfig:
                              f"{self.min_frames}/{self.opt_frames}/{self.max_frames}")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "image_size": list(self.image_size), "dtype": self.dtype, "opset": OPSET,
+        """What the graph is (validation is not a property of the graph, so two exports that differ only
+        in it stay byte-identical)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "validate"}
+        return {**fields, "image_size": list(self.image_size), "dtype": self.dtype, "opset": OPSET,
                 "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES), "frame_axis": FRAME_AXIS}
 
 
