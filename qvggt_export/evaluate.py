@@ -154,8 +154,9 @@ def evaluate(
 
 def format_report(result: dict) -> str:
     """A plain-text table: one row per scene, then the aggregate."""
-    columns = [k for k in ("auc@30", "auc@5", "rra@30", "rta@30", "abs_rel", "delta<1.25", "acc_mean",
-                           "comp_mean", "nc_mean", "depth_conf_mean", "seconds") if any(k in s for s in result["scenes"])]
+    wanted = ("auc@30", "auc@5", "rra@30", "rta@30", "abs_rel", "delta<1.25", "acc_mean", "comp_mean", "nc_mean",
+              "depth_conf_mean", "seconds")
+    columns = [k for k in wanted if any(k in s for s in result["scenes"])]
 
     def cell(value) -> str:
         return f"{value:>11.4f}" if isinstance(value, (int, float)) and value is not None else f"{'-':>11}"
@@ -163,7 +164,8 @@ def format_report(result: dict) -> str:
     name_width = max([len("scene"), *(len(s["name"]) for s in result["scenes"])])
     lines = [f"{'scene':<{name_width}} {'frames':>6}" + "".join(f"{c:>11}" for c in columns)]
     for scene in result["scenes"]:
-        lines.append(f"{scene['name']:<{name_width}} {scene['frames']:>6}" + "".join(cell(scene.get(c)) for c in columns))
+        cells = "".join(cell(scene.get(c)) for c in columns)
+        lines.append(f"{scene['name']:<{name_width}} {scene['frames']:>6}" + cells)
     aggregate = result["aggregate"]
     lines.append(f"{'mean':<{name_width}} {'':>6}" + "".join(
         cell(aggregate.get("seconds_per_scene" if c == "seconds" else c)) for c in columns))

@@ -271,7 +271,8 @@ def pointmap_metrics(
     mask = mask & np.isfinite(pred).all(-1) & np.isfinite(gt).all(-1)
     pred_cloud, gt_cloud = pred[mask], gt[mask]
     if len(pred_cloud) < 3:
-        return {key: float("nan") for key in ("acc_mean", "acc_median", "comp_mean", "comp_median", "nc_mean", "nc_median")}
+        keys = ("acc_mean", "acc_median", "comp_mean", "comp_median", "nc_mean", "nc_median")
+        return {key: float("nan") for key in keys}
     if len(pred_cloud) > max_points:
         keep = np.random.default_rng(seed).choice(len(pred_cloud), max_points, replace=False)
         pred_cloud, gt_cloud = pred_cloud[keep], gt_cloud[keep]

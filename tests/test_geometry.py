@@ -80,7 +80,8 @@ def test_mat_to_quat_inverts_quat_to_mat_for_all_branches():
     quaternions = torch.randn(4000, 4, generator=generator, dtype=torch.float64)
     quaternions = quaternions / quaternions.norm(dim=-1, keepdim=True)
     # Rotations near 180 degrees exercise the x/y/z branches of the conversion.
-    quaternions[:10] = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.6, 0.8, 0, 0]] * 2 + [[0, 0, 0, 1]] * 2, dtype=torch.float64)
+    half_turns = [[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0.6, 0.8, 0, 0]] * 2 + [[0, 0, 0, 1]] * 2
+    quaternions[:10] = torch.tensor(half_turns, dtype=torch.float64)
     standard = torch.where(quaternions[:, 3:] < 0, -quaternions, quaternions)
     recovered = mat_to_quat(quat_to_mat(quaternions))
     # At w == 0 both signs are standard: compare rotations there, quaternions elsewhere.

@@ -82,16 +82,19 @@ def test_seven_scenes_reader(seven_scenes):
     np.testing.assert_allclose(to_camera(sequence.extrinsics[0], ahead[:3]), [0, 0, 2], atol=1e-6)
     # 640x480 -> 518x392 (released crop mode), pixel centres at integer coordinates.
     scale_x, scale_y = 518 / 640, 392 / 480
-    expected = np.array([[525 * scale_x, 0, 320.5 * scale_x - 0.5], [0, 525 * scale_y, 240.5 * scale_y - 0.5], [0, 0, 1]])
+    expected = np.array([[525 * scale_x, 0, 320.5 * scale_x - 0.5],
+                         [0, 525 * scale_y, 240.5 * scale_y - 0.5],
+                         [0, 0, 1]])
     np.testing.assert_allclose(sequence.intrinsics[0], expected, rtol=1e-12)
     valid = sequence.valid[0]
     assert not valid[:32].any() and not valid[-32:].any() and valid[40:-40].all()
     np.testing.assert_allclose(sequence.depth[0][valid], 2.0)
     # Ground-truth points sit at depth 2 in camera 0 and match unprojection through the resized camera
     # up to the nearest-neighbour resampling (< 0.6 px -> < 3 mm at 2 m).
-    camera_points = np.einsum("ij,hwj->hwi", sequence.extrinsics[0][:, :3], sequence.world_points[0]) + sequence.extrinsics[0][:, 3]
+    extrinsic = sequence.extrinsics[0]
+    camera_points = np.einsum("ij,hwj->hwi", extrinsic[:, :3], sequence.world_points[0]) + extrinsic[:, 3]
     np.testing.assert_allclose(camera_points[valid][:, 2], 2.0, atol=1e-5)
-    unprojected = unproject_depth_map_to_point_map(sequence.depth[:1], sequence.extrinsics[:1], sequence.intrinsics[:1])[0]
+    unprojected = unproject_depth_map_to_point_map(sequence.depth, sequence.extrinsics, sequence.intrinsics)[0]
     assert np.abs(unprojected[valid] - sequence.world_points[0][valid]).max() < 3e-3
 
 
@@ -133,7 +136,8 @@ def co3d(tmp_path):
     root = tmp_path / "co3d"
     category = root / "apple"
     frames, sequences, test_split = [], [], []
-    for sequence, count, quality in (("110_13051_23361", 12, 2.0), ("189_20393_38136", 5, 1.5), ("bad_quality", 12, 0.3)):
+    layout = (("110_13051_23361", 12, 2.0), ("189_20393_38136", 5, 1.5), ("bad_quality", 12, 0.3))
+    for sequence, count, quality in layout:
         sequences.append({"sequence_name": sequence, "category": "apple", "viewpoint_quality_score": quality})
         for number in range(1, count + 1):
             path = f"apple/{sequence}/images/frame{number:06d}.jpg"
@@ -149,7 +153,8 @@ def co3d(tmp_path):
     write_jgz(category / "frame_annotations.jgz", frames)
     write_jgz(category / "sequence_annotations.jgz", sequences)
     (category / "set_lists").mkdir()
-    (category / "set_lists" / "set_lists_fewview_dev.json").write_text(json.dumps({"train": [], "val": [], "test": test_split}))
+    split = {"train": [], "val": [], "test": test_split}
+    (category / "set_lists" / "set_lists_fewview_dev.json").write_text(json.dumps(split))
     return root
 
 
@@ -171,7 +176,8 @@ def test_co3d_reader(co3d):
     # NDC isotropic (scale = min(W, H) / 2 = 150): f = 300 px, c = (200 - 0.1 * 150, 150 + 0.2 * 150).
     scale = 518 / 400
     np.testing.assert_allclose(sequence.intrinsics[0, 0, 0], 300 * scale)
-    np.testing.assert_allclose(sequence.intrinsics[0, :2, 2], [(185 + 0.5) * scale - 0.5, (180 + 0.5) * 392 / 300 - 0.5])
+    expected_centre = [(185 + 0.5) * scale - 0.5, (180 + 0.5) * 392 / 300 - 0.5]
+    np.testing.assert_allclose(sequence.intrinsics[0, :2, 2], expected_centre)
 
 
 # ---------------------------------------------------------------------------------------------- RealEstate10K
@@ -182,7 +188,8 @@ def write_re10k(root: Path, name: str, count: int, frames_dir: Path | None, by_t
     for index in range(count):
         timestamp = 33366666 * (index + 1)
         extrinsic = pose_matrix(index)[:3]
-        lines.append(" ".join([str(timestamp), "0.9", "1.6", "0.5", "0.5", "0", "0"] + [f"{v:.9f}" for v in extrinsic.ravel()]))
+        intrinsics = ["0.9", "1.6", "0.5", "0.5", "0", "0"]
+        lines.append(" ".join([str(timestamp), *intrinsics, *(f"{v:.9f}" for v in extrinsic.ravel())]))
         if frames_dir is not None:
             write_image(frames_dir / (f"{timestamp}.jpg" if by_timestamp else f"{index:04d}.png"), 64, 36, seed=index)
     (root / "test").mkdir(parents=True, exist_ok=True)

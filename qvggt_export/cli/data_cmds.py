@@ -48,7 +48,8 @@ def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size
 @main.command("show-scene")
 @click.option("--seed", type=int, default=0, show_default=True, help="Scene seed.")
 @click.option("--views", type=int, default=4, show_default=True, help="Number of views.")
-@click.option("--image-size", default="392x518", show_default=True, metavar="HxW", help="Render size (multiples of 14).")
+@click.option("--image-size", default="392x518", show_default=True, metavar="HxW",
+              help="Render size (multiples of 14).")
 @click.option("--out", "-o", default="scene.png", show_default=True, type=click.Path(), help="Output PNG.")
 def show_scene(seed, views, image_size, out) -> None:
     """Render a synthetic scene and save its views and depth maps as a PNG."""

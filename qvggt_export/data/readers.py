@@ -33,8 +33,6 @@ from ..log import logger
 from .images import ResizePlan, image_size, load_and_preprocess_images, plan_preprocessing
 
 DATASETS = ("synthetic-val", "folder", "co3d", "re10k", "7scenes", "nrgbd")
-POSE_DATASETS = ("co3d", "re10k")
-POINT_DATASETS = ("7scenes", "nrgbd")
 DEFAULT_POSE_FRAMES = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -320,7 +318,10 @@ def _co3d_wanted_frames(category: Path, frames_by_sequence) -> dict[str, set[int
     quality_file = category / "sequence_annotations.jgz"
     good = set(frames_by_sequence)
     if quality_file.is_file():
-        good = {s["sequence_name"] for s in _read_jgz(quality_file) if s.get("viewpoint_quality_score", 1.0) > CO3D_MIN_QUALITY}
+        good = {
+            s["sequence_name"] for s in _read_jgz(quality_file)
+            if s.get("viewpoint_quality_score", 1.0) > CO3D_MIN_QUALITY
+        }
     split_file = category / "set_lists" / "set_lists_fewview_dev.json"
     if not split_file.is_file():
         return {name: set(frames) for name, frames in frames_by_sequence.items() if name in good}
@@ -355,7 +356,7 @@ def _re10k_camera_files(root: Path) -> list[Path]:
         files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
         if files:
             return files
-    raise InputError(f"no RealEstate10K camera files (*.txt) in {root}, {root / 'test'} or {root / 'metadata' / 'test'}")
+    raise InputError(f"no RealEstate10K camera files (*.txt) in {root}, its test/ or metadata/test/")
 
 
 def _re10k_frame(folders: list[Path], index: int, timestamp: str) -> Path | None:
@@ -444,7 +445,8 @@ def read_seven_scenes(root, selector: _FrameSelector, stride: int = KEYFRAME_STR
                 if not depth.is_file():
                     depth = sequence / f"{stem}.depth.png"
                 camera_to_world = _load_pose(sequence / f"{stem}.pose.txt")
-                frames.append(_Frame(colors[i], closed_form_inverse_se3(camera_to_world)[:3], SEVEN_SCENES_INTRINSIC, depth))
+                world_to_camera = closed_form_inverse_se3(camera_to_world)[:3]
+                frames.append(_Frame(colors[i], world_to_camera, SEVEN_SCENES_INTRINSIC, depth))
             sources.append(_SequenceSource(name, scene.name, frames, _seven_scenes_depth))
     if not sources and not selector.skipped:
         raise InputError(f"no 7-Scenes sequences (<scene>/seq-XX/frame-XXXXXX.color.png) under {root}")

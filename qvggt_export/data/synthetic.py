@@ -157,7 +157,9 @@ def _shade_texture(material: _Material, uv: np.ndarray) -> np.ndarray:
         accent = grain
     else:  # mosaic: random colour per irregular cell, strong corners for matching
         warp = _fbm(u, v, f, 2, salt + 4) * 0.8
-        pattern = _hash01(np.floor(u * f * 1.5 + warp).astype(np.int64), np.floor(v * f * 1.5 - warp).astype(np.int64), salt + 5)
+        cell_u = np.floor(u * f * 1.5 + warp).astype(np.int64)
+        cell_v = np.floor(v * f * 1.5 - warp).astype(np.int64)
+        pattern = _hash01(cell_u, cell_v, salt + 5)
         accent = grain
     colors = material.colors
     low = np.where(pattern[:, None] < 0.5, colors[0], colors[1])
@@ -354,7 +356,8 @@ def _place_cameras(rng, num_views: int, center_xy, room_size, image_size):
     extrinsics, intrinsics = [], []
     for azimuth in azimuths:
         radius = rng.uniform(2.3, max_radius)
-        position = np.array([*(center_xy + radius * np.array([np.cos(azimuth), np.sin(azimuth)])), rng.uniform(0.9, 2.1)])
+        ground = center_xy + radius * np.array([np.cos(azimuth), np.sin(azimuth)])
+        position = np.array([*ground, rng.uniform(0.9, 2.1)])
         target = np.array([*(center_xy + rng.uniform(-0.5, 0.5, 2)), rng.uniform(0.2, 0.9)])
         extrinsics.append(_look_at(position, target, rng.uniform(-np.deg2rad(8), np.deg2rad(8))))
         focal = (width / 2) / np.tan(np.deg2rad(rng.uniform(50, 80)) / 2)
@@ -493,12 +496,6 @@ def render_scene(seed: int, num_views: int = 10, image_size=DEFAULT_IMAGE_SIZE) 
     )
 
 
-def synthetic_set_scenes(spec: SyntheticSet = SYNTHETIC_VAL, num_views: int | None = None):
-    """Yield the scenes of a named set (optionally with a different number of views)."""
-    for seed in spec.seeds:
-        yield render_scene(seed, num_views or spec.num_views, spec.image_size)
-
-
 def calibration_scenes(n: int, num_views: int = 10, image_size=DEFAULT_IMAGE_SIZE) -> list[Scene]:
     """The first `n` calibration scenes (seeds from CALIBRATION_SEEDS, disjoint from val and train)."""
     if not 0 < n <= len(CALIBRATION_SEEDS):
@@ -520,7 +517,8 @@ def save_scene_figure(scene: Scene, path) -> Path:
         axes[0, view].imshow(scene.images[view].transpose(1, 2, 0))
         axes[0, view].set_title(f"view {view}", fontsize=9)
         shown = axes[1, view].imshow(np.where(scene.valid[view], scene.depth[view], np.nan), cmap="turbo")
-        figure.colorbar(shown, ax=axes[1, view], fraction=0.046, pad=0.02, label="depth (m)" if view == num_views - 1 else None)
+        label = "depth (m)" if view == num_views - 1 else None
+        figure.colorbar(shown, ax=axes[1, view], fraction=0.046, pad=0.02, label=label)
     for axis in axes.ravel():
         axis.set_axis_off()
     figure.suptitle(f"synthetic scene, seed {scene.seed}", fontsize=10)
