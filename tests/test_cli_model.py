@@ -107,3 +107,20 @@ def test_predict_not_a_checkpoint(tmp_path, views):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
     result = _invoke(["predict", *views, "-c", str(tmp_path), "-o", str(tmp_path / "p.npz")])
     _assert_one_line_error(result, "not a readable safetensors checkpoint")
+
+
+def test_predict_on_synthetic_scene_reports_errors_and_saves_ground_truth(tiny_ckpt, tmp_path):
+    out = tmp_path / "scene.npz"
+    result = _invoke(["predict", "--scene", "synthetic:5", "--views", "2", "--image-size", "28x42",
+                      "-c", str(tiny_ckpt), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "auc@30" in result.output and "abs_rel" in result.output
+    saved = np.load(out)
+    assert saved["depth"].shape == (2, 28, 42, 1) and saved["gt_depth"].shape == (2, 28, 42)
+    # Ground truth is in the first camera's frame, the model's convention.
+    assert np.allclose(saved["gt_extrinsic"][0], np.eye(3, 4), atol=1e-5)
+
+
+def test_predict_bad_scene_spec(tiny_ckpt):
+    result = _invoke(["predict", "--scene", "co3d:1", "-c", str(tiny_ckpt)])
+    _assert_one_line_error(result, "synthetic:SEED")
