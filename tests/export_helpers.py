@@ -36,3 +36,23 @@ def tiny_quantized_model(seed: int = 0, precision: str = "w4a16") -> VGGT:
     model.quant_plan = plan
     model.quant_info = {"method": "rtn", "test": True}
     return model.eval()
+
+
+_EXPORTS: dict = {}
+
+
+def exported_tiny(tmp_path_factory):
+    """(quantized model, its fp32-activation W4A16 ONNX), exported once per test session: the torch.export
+    trace dominates the export tests' time."""
+    from qvggt_export.export.onnx_export import export_onnx
+    from qvggt_export.export.spec import ExportConfig
+
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _EXPORTS:
+        model = tiny_quantized_model()
+        path = tmp_path_factory.mktemp("export") / "model.onnx"
+        # validate=True (the default): the export itself checks ORT against PyTorch at S=1 and S=4.
+        export_onnx(model, path, ExportConfig(precision="w4a16", activations="fp32", image_size=IMAGE_SIZE,
+                                              min_frames=1, opt_frames=4, max_frames=8))
+        _EXPORTS[key] = (model, path)
+    return _EXPORTS[key]

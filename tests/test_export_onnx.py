@@ -19,21 +19,17 @@ from qvggt_export.export.spec import ExportConfig
 from qvggt_export.quant.linear import QuantLinear
 from qvggt_export.quant.plan import quantized_layers
 
-from export_helpers import IMAGE_SIZE, tiny_quantized_model
+from export_helpers import IMAGE_SIZE, exported_tiny
 
 
 @pytest.fixture(scope="module")
-def quantized():
-    return tiny_quantized_model()
+def quantized(tmp_path_factory):
+    return exported_tiny(tmp_path_factory)[0]
 
 
 @pytest.fixture(scope="module")
-def exported(quantized, tmp_path_factory):
-    path = tmp_path_factory.mktemp("export") / "model.onnx"
-    # validate=True (the default): the export itself checks ORT against PyTorch at S=1 and S=4.
-    export_onnx(quantized, path, ExportConfig(precision="w4a16", activations="fp32", image_size=IMAGE_SIZE,
-                                              min_frames=1, opt_frames=4, max_frames=8))
-    return path
+def exported(tmp_path_factory):
+    return exported_tiny(tmp_path_factory)[1]
 
 
 def _calls_per_layer(model) -> dict[str, int]:

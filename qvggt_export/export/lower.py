@@ -204,3 +204,20 @@ def count_ops(model) -> dict[str, int]:
         key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def lowered_path(path, target: str):
+    """engines/model.onnx -> engines/model.<target>.onnx"""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{target}.onnx")
+
+
+def write_lowering(source, target: str, out=None):
+    from .onnx_export import load_onnx, save_proto
+
+    out = out or lowered_path(source, target)
+    save_proto(lower(load_onnx(source), target), out)
+    logger.info("wrote %s", out)
+    return out

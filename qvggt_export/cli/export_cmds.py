@@ -1,0 +1,171 @@
+"""Deployment commands: export, compare, engine, build, infer, bench (API: qvggt_export.export,
+qvggt_export.compare, qvggt_export.build, qvggt_export.bench)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import main
+
+CHECKPOINT_HELP = "Checkpoint (full precision or quantized). Default: the embedded vggt-tiny model."
+
+
+def _frame_options(fn):
+    fn = click.option("--max-frames", default=32, show_default=True, help="Largest number of views.")(fn)
+    fn = click.option("--opt-frames", default=4, show_default=True, help="Views the engine is tuned for.")(fn)
+    fn = click.option("--min-frames", default=1, show_default=True, help="Smallest number of views.")(fn)
+    fn = click.option("--image-size", default=None, metavar="HxW",
+                      help="Fixed input size (default: the model's img_size, square; 518x518 for VGGT-1B).")(fn)
+    return fn
+
+
+def _export_config(model, precision, image_size, min_frames, opt_frames, max_frames, activations=None,
+                   validate=True):
+    from ..export.spec import ExportConfig, parse_image_size
+
+    size = parse_image_size(image_size) if image_size else (model.config.img_size, model.config.img_size)
+    return ExportConfig(precision=precision, image_size=size, min_frames=min_frames, opt_frames=opt_frames,
+                        max_frames=max_frames, activations=activations, validate=validate)
+
+
+@main.command("export")
+@click.option("--checkpoint", "-c", default=None, help=CHECKPOINT_HELP)
+@click.option("--out", "-o", default="engines/model.onnx", show_default=True, type=click.Path(),
+              help="Output .onnx (lowerings are written beside it as NAME.<target>.onnx).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "w8a16", "w4a16"]), default=None,
+              help="Default: the checkpoint's (w4a16/w8a16 for quantized ones, else fp32).")
+@click.option("--activations", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="Activation dtype (default fp32 for fp32, fp16 otherwise).")
+@_frame_options
+@click.option("--target", "targets", multiple=True, type=click.Choice(["ort", "qdq", "plugin"]),
+              help="Also write these lowerings (repeatable).")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
+def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, opt_frames, max_frames, targets,
+               no_validate):
+    """ONNX of the full model (aggregator + camera, depth, point heads) with a dynamic number of views.
+
+    Quantized linears become qvggt::W4A16MatMul nodes; the plan and provenance go in metadata_props."""
+    from ..export.lower import write_lowering
+    from ..export.onnx_export import export_onnx
+    from ..model import load_model
+
+    model = load_model(checkpoint)
+    plan = getattr(model, "quant_plan", None)
+    precision = precision or (plan["default_precision"] if plan else "fp32")
+    config = _export_config(model, precision, image_size, min_frames, opt_frames, max_frames, activations,
+                            not no_validate)
+    path = export_onnx(model, out, config)
+    click.echo(f"wrote {path}")
+    for target in targets:
+        click.echo(f"wrote {write_lowering(path, target)}")
+
+
+@main.command("compare")
+@click.argument("candidate", type=click.Path())
+@click.option("--reference", default="torch-quantized", show_default=True,
+              help="'torch' (full-precision PyTorch of --checkpoint), 'torch-quantized' (the quantized "
+                   "checkpoint in PyTorch) or another .onnx/.engine.")
+@click.option("--checkpoint", "-c", default=None, help="Checkpoint for a PyTorch reference. " + CHECKPOINT_HELP)
+@click.option("--images", multiple=True, type=click.Path(), help="Views of one scene (default: synthetic scenes).")
+@click.option("--scenes", default=2, show_default=True, help="Synthetic scenes.")
+@click.option("--frames", default=4, show_default=True, help="Views per synthetic scene.")
+@click.option("--rel-tol", default=1e-3, show_default=True,
+              help="Per-output tolerance, relative to the reference output's range (Polygraphy atol).")
+@click.option("--error-stat", type=click.Choice(["max", "mean", "median"]), default="max", show_default=True)
+@click.option("--max-rotation-deg", default=1.0, show_default=True)
+@click.option("--max-translation-deg", default=2.0, show_default=True)
+@click.option("--min-auc30", default=90.0, show_default=True)
+@click.option("--max-depth-abs-rel", default=0.02, show_default=True)
+@click.option("--max-point-error", default=0.02, show_default=True, help="Mean point error / mean point norm.")
+@click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
+def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_tol, error_stat, max_rotation_deg,
+                max_translation_deg, min_auc30, max_depth_abs_rel, max_point_error, report):
+    """Polygraphy comparison of CANDIDATE (.onnx or .engine) with a reference, plus a geometry report.
+
+    Exit code 0 when every output is within tolerance and the geometry thresholds hold, 1 otherwise."""
+    from ..compare import CompareConfig, compare, image_inputs, synthetic_inputs
+    from ..errors import InputError
+    from ..export import spec
+    from ..io import write_json
+
+    config = CompareConfig(rel_tol=dict.fromkeys(spec.OUTPUT_NAMES, rel_tol), error_stat=error_stat,
+                           max_rotation_deg=max_rotation_deg, max_translation_deg=max_translation_deg,
+                           min_auc30=min_auc30, max_depth_abs_rel=max_depth_abs_rel, max_point_error=max_point_error)
+    image_size = _model_image_size(candidate)
+    ref = _reference(reference, checkpoint)
+    inputs = image_inputs(images, image_size) if images else synthetic_inputs(image_size, scenes, frames)
+    if image_size is None:
+        raise InputError(f"{candidate} does not record its image size (not exported by qvggt-export?)")
+    result = compare(candidate, ref, inputs, config)
+    if report:
+        write_json(report, result)
+    click.echo(f"compare {'PASSED' if result['passed'] else 'FAILED'}")
+    sys.exit(0 if result["passed"] else 1)
+
+
+def _model_image_size(path) -> tuple[int, int] | None:
+    import json
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..export import spec
+    from ..export.onnx_export import load_onnx, model_metadata
+
+    path = Path(path)
+    if path.suffix == ".engine":
+        from ..export.engine import sidecar_path
+
+        sidecar = sidecar_path(path)
+        if not sidecar.is_file():
+            raise InputError(f"{path}: no {sidecar.name} beside it (engines built by qvggt-export have one)")
+        return tuple(json.loads(sidecar.read_text())["image_size"])
+    meta = model_metadata(load_onnx(path, load_external_data=False))
+    export = json.loads(meta.get(spec.META_SPEC, "{}"))
+    return tuple(export["image_size"]) if "image_size" in export else None
+
+
+def _reference(reference: str, checkpoint: str | None):
+    from ..errors import InputError
+    from ..model import load_model
+
+    if reference in ("torch", "torch-quantized"):
+        model = load_model(checkpoint)
+        quantized = getattr(model, "quant_plan", None) is not None
+        if quantized != (reference == "torch-quantized"):
+            raise InputError(f"--reference {reference} needs a {'quantized' if not quantized else 'full-precision'} "
+                             f"--checkpoint")
+        return model
+    return reference
+
+
+@main.command("engine")
+@click.argument("model", type=click.Path())
+@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
+              help="Default: whichever TensorRT imports (standard first).")
+@click.option("--out", "-o", default=None, type=click.Path(), help="Output .engine (default: MODEL with .engine).")
+@click.option("--min-frames", type=int, default=None, help="Profile minimum (default: the export's).")
+@click.option("--opt-frames", type=int, default=None)
+@click.option("--max-frames", type=int, default=None)
+@click.option("--timing-cache", default=None, type=click.Path(), help="Timing cache file (read and updated).")
+@click.option("--no-fp16", is_flag=True, help="Standard TensorRT: do not allow FP16 kernels.")
+def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_cache, no_fp16):
+    """Build a TensorRT (Jetson, datacenter GPUs; build on the target) or TensorRT-RTX (RTX GPUs; builds
+    anywhere, even on a CPU) engine from MODEL.onnx. `plugin` lowerings register the W4A16 plugin."""
+    from pathlib import Path
+
+    from ..errors import QVGGTError
+    from ..export.engine import EngineConfig, build_engine, default_backend
+    from ..export.onnx_export import load_onnx
+
+    backend = backend or default_backend()
+    if backend is None:
+        raise QVGGTError("no TensorRT found: install tensorrt (on the target GPU / JetPack on a Jetson) or "
+                         "`pip install 'qvggt-export[rtx]'` for TensorRT-RTX")
+    load_onnx(model, load_external_data=False)  # one-line error for a missing or corrupt file
+    out = out or str(Path(model).with_suffix(".engine"))
+    info = build_engine(model, out, EngineConfig(backend=backend, fp16=not no_fp16, min_frames=min_frames,
+                                                 opt_frames=opt_frames, max_frames=max_frames,
+                                                 timing_cache=timing_cache))
+    click.echo(f"wrote {info['engine']} ({info['bytes'] / 1e6:.1f} MB, {backend})")

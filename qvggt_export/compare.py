@@ -1,0 +1,201 @@
+"""`qvggt-export compare`: Polygraphy's Comparator runs a candidate against a reference on real inputs,
+and a geometry report (pose, depth, points) is added per scene.
+
+Candidates and references: an ONNX file (ONNX Runtime; custom nodes are lowered to `ort` in memory),
+a TensorRT engine (Polygraphy's TensorRT runner, where `tensorrt` imports), or a PyTorch model
+(full precision or quantized). Tolerances are relative to each output's reference range, turned into
+Polygraphy's per-output atol once the reference has run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .export import spec
+from .log import logger
+
+
+@dataclass
+class CompareConfig:
+    rel_tol: dict[str, float] = field(default_factory=lambda: dict(spec.REL_TOL["fp32"]))
+    error_stat: str = "max"  # Polygraphy check_error_stat: max | mean | median
+    # Geometry thresholds (candidate vs reference predictions).
+    max_rotation_deg: float = 1.0
+    max_translation_deg: float = 2.0
+    min_auc30: float = 90.0
+    max_depth_abs_rel: float = 0.02
+    max_point_error: float = 0.02
+    scenes: int = 2
+    frames: int = 4
+
+
+def torch_runner(model, name: str = "pytorch"):
+    """A PyTorch model as a Polygraphy runner on the CPU (Polygraphy's PytRunner moves inputs to CUDA)."""
+    import torch
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    from .export.onnx_export import _GraphModule
+
+    class TorchRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name, prefix="pytorch-runner")
+            self.module = _GraphModule(model, torch.float32).eval()
+
+        def activate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add(spec.INPUT_NAME, np.float32, (1, "S", 3, "H", "W"))
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            with torch.no_grad():
+                outs = self.module(torch.from_numpy(feed_dict[spec.INPUT_NAME]))
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((n, o.numpy()) for n, o in zip(spec.OUTPUT_NAMES, outs))
+
+        def deactivate_impl(self):
+            pass
+
+    return TorchRunner()
+
+
+def onnx_runner(path: str | Path, name: str | None = None):
+    """ONNX Runtime runner with W4A16 semantics (accuracy_level 0); custom nodes lowered to `ort`."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from .export.lower import lower
+    from .export.onnx_export import load_onnx
+    from .export.runtime import has_custom_nodes, ort_session
+
+    path = Path(path)
+    model = load_onnx(path) if has_custom_nodes(path) else None
+    session = ort_session(lower(model, "ort") if model is not None else path)
+    return OnnxrtRunner(session, name=name or f"onnxrt:{path.name}")
+
+
+def engine_runner(path: str | Path):
+    from .export.engine import import_backend
+
+    trt = import_backend("tensorrt")
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from .export.engine import register_plugins
+
+    register_plugins(trt)
+    return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=f"tensorrt:{Path(path).name}")
+
+
+def runner_for(source, name: str | None = None):
+    """A path (.onnx / .engine) or a torch model -> Polygraphy runner."""
+    if not isinstance(source, (str, Path)):
+        return torch_runner(source, name or "pytorch")
+    path = Path(source)
+    if path.suffix == ".engine":
+        return engine_runner(path)
+    if path.suffix == ".onnx":
+        return onnx_runner(path, name)
+    raise InputError(f"cannot compare {path}: expected an .onnx or .engine file")
+
+
+def synthetic_inputs(image_size: tuple[int, int], scenes: int, frames: int) -> list[dict[str, np.ndarray]]:
+    from .data.synthetic import VAL_SEEDS, render_scene
+
+    return [{spec.INPUT_NAME: render_scene(seed, frames, image_size).images[None]}
+            for seed in list(VAL_SEEDS)[:scenes]]
+
+
+def image_inputs(paths, image_size: tuple[int, int] | None) -> list[dict[str, np.ndarray]]:
+    from .data.images import load_and_preprocess_images
+
+    images = load_and_preprocess_images([str(p) for p in paths]).numpy()
+    if image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
+        raise InputError(f"images preprocess to {images.shape[-2]}x{images.shape[-1]}, but the model is fixed "
+                         f"to {image_size[0]}x{image_size[1]}; export it with --image-size "
+                         f"{images.shape[-2]}x{images.shape[-1]}")
+    return [{spec.INPUT_NAME: images[None].astype(np.float32)}]
+
+
+def geometry_report(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """Candidate predictions measured against the reference's as if they were ground truth."""
+    import torch
+
+    from .geometry import pose_encoding_to_extri_intri
+    from .metrics import camera_pose_metrics, depth_metrics
+
+    hw = candidate["depth"].shape[2:4]
+    extrinsics = [pose_encoding_to_extri_intri(torch.from_numpy(p["pose_enc"]).float(), hw)[0][0].numpy()
+                  for p in (candidate, reference)]
+    pose = camera_pose_metrics(extrinsics[0], extrinsics[1])
+    depth_ref = reference["depth"][0, ..., 0]
+    depth = depth_metrics(candidate["depth"][0, ..., 0], depth_ref, np.isfinite(depth_ref) & (depth_ref > 0))
+    ref_points, points = reference["world_points"][0], candidate["world_points"][0]
+    scale = float(np.linalg.norm(ref_points, axis=-1).mean()) or 1.0
+    return {"rotation_error_deg": pose["rotation_error_deg"], "translation_error_deg": pose["translation_error_deg"],
+            "auc@30": pose["auc@30"], "depth_abs_rel": depth["abs_rel"],
+            "point_error": float(np.linalg.norm(points - ref_points, axis=-1).mean()) / scale}
+
+
+def _geometry_failures(report: dict[str, float], config: CompareConfig) -> list[str]:
+    checks = [("rotation_error_deg", "<=", config.max_rotation_deg),
+              ("translation_error_deg", "<=", config.max_translation_deg),
+              ("auc@30", ">=", config.min_auc30), ("depth_abs_rel", "<=", config.max_depth_abs_rel),
+              ("point_error", "<=", config.max_point_error)]
+    failures = []
+    for key, op, limit in checks:
+        value = report[key]
+        if np.isnan(value):  # a single frame has no pose pairs: nothing to check
+            continue
+        ok = value <= limit if op == "<=" else value >= limit
+        if not ok:
+            failures.append(f"{key} {value:.4g} (limit {op} {limit:g})")
+    return failures
+
+
+def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: CompareConfig = CompareConfig()) -> dict:
+    """Runs both on `inputs`; returns a JSON-able report with `passed` (Polygraphy accuracy and the
+    geometry thresholds)."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    from .export.onnx_export import relative_errors
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    runners = [runner_for(candidate, "candidate"), runner_for(reference, "reference")]
+    results = Comparator.run(runners, data_loader=inputs)
+    ref_iters = results[1][1]
+    atol = {}
+    for name, rel in config.rel_tol.items():
+        span = max(float(it[name].max() - it[name].min()) for it in ref_iters)
+        atol[name] = rel * (span or 1.0)
+    accuracy = Comparator.compare_accuracy(
+        results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat=config.error_stat))
+    polygraphy_passed = bool(accuracy)
+    scenes = []
+    for i, (cand, ref) in enumerate(zip(results[0][1], ref_iters)):
+        cand = {k: np.asarray(cand[k]) for k in spec.OUTPUT_NAMES}
+        ref = {k: np.asarray(ref[k]) for k in spec.OUTPUT_NAMES}
+        geometry = geometry_report(cand, ref)
+        scenes.append({"scene": i, "relative_error": relative_errors(cand, ref), "geometry": geometry,
+                       "geometry_failures": _geometry_failures(geometry, config)})
+    geometry_passed = not any(s["geometry_failures"] for s in scenes)
+    report = {"candidate": str(candidate) if isinstance(candidate, (str, Path)) else "pytorch",
+              "reference": str(reference) if isinstance(reference, (str, Path)) else "pytorch",
+              "polygraphy_passed": polygraphy_passed, "geometry_passed": geometry_passed,
+              "passed": polygraphy_passed and geometry_passed, "atol": atol, "error_stat": config.error_stat,
+              "scenes": scenes}
+    for s in scenes:
+        g = s["geometry"]
+        logger.info("scene %d: max rel err %.2e | rot %.3f deg, trans %.3f deg, AUC@30 %.1f, depth AbsRel %.4f, "
+                    "point err %.4f", s["scene"], max(s["relative_error"].values()), g["rotation_error_deg"],
+                    g["translation_error_deg"], g["auc@30"], g["depth_abs_rel"], g["point_error"])
+    logger.info("compare %s: Polygraphy %s, geometry %s", "PASSED" if report["passed"] else "FAILED",
+                "passed" if polygraphy_passed else "failed", "passed" if geometry_passed else "failed")
+    return report

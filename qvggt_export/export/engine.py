@@ -1,0 +1,148 @@
+"""One engine builder for standard TensorRT (`tensorrt`: Jetson, datacenter GPUs, built on the target)
+and TensorRT for RTX (`tensorrt_rtx`: same API, desktop RTX GPUs, builds ahead of time even on a CPU).
+
+Both are optional and imported lazily; a missing one is a one-line error naming what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import QVGGTError
+from ..io import atomic_output, sha256_file, write_json
+from ..log import logger
+from . import spec
+
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+INSTALL_HINTS = {
+    "tensorrt": "standard TensorRT is not installed: on a Jetson use JetPack's python3-libnvinfer, on a GPU "
+                "machine `pip install 'qvggt-export[tensorrt]'`; or pass --backend tensorrt-rtx",
+    "tensorrt-rtx": "TensorRT for RTX is not installed: `pip install 'qvggt-export[rtx]'`",
+}
+# TensorRT-RTX engines run on these GPUs (compute capability); building on a CPU needs them named.
+RTX_COMPUTE_CAPABILITIES = ("SM80", "SM86", "SM89", "SM120")
+
+
+class BackendMissing(QVGGTError):
+    pass
+
+
+def import_backend(backend: str):
+    if backend not in MODULES:
+        raise QVGGTError(f"unknown backend {backend!r}; choose one of {', '.join(MODULES)}")
+    try:
+        return importlib.import_module(MODULES[backend])
+    except ImportError:
+        raise BackendMissing(INSTALL_HINTS[backend]) from None
+
+
+def default_backend() -> str | None:
+    """Whichever TensorRT imports, standard first (it is what runs on Jetson and datacenter GPUs)."""
+    for backend in MODULES:
+        try:
+            import_backend(backend)
+            return backend
+        except BackendMissing:
+            continue
+    return None
+
+
+def register_plugins(trt) -> None:
+    """The W4A16MatMul plugin creator (needed only by engines of the `plugin` lowering)."""
+    try:
+        from .trt_plugin import register_plugin
+    except ImportError as exc:
+        raise QVGGTError(f"the W4A16 TensorRT plugin is not available in this install ({exc})") from None
+    register_plugin(trt)
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "tensorrt-rtx"
+    fp16: bool = True  # standard TensorRT's FP16 flag; TensorRT-RTX is strongly typed (uses the ONNX types)
+    min_frames: int | None = None  # None: from the model's export spec
+    opt_frames: int | None = None
+    max_frames: int | None = None
+    timing_cache: str | None = None
+    workspace_gib: float = 4.0
+
+
+def _frames(onnx_path: Path, config: EngineConfig) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    export = json.loads(meta.get(spec.META_SPEC, "{}"))
+    frames = (config.min_frames or export.get("min_frames", 1), config.opt_frames or export.get("opt_frames", 4),
+              config.max_frames or export.get("max_frames", 32))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    image_size = tuple(export.get("image_size", dims[-2:]))
+    return frames, image_size
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    return Path(f"{engine_path}.json")
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineConfig = EngineConfig()) -> dict:
+    """Parses the ONNX (every node must parse), builds a serialized engine with an optimization profile
+    over the frame axis, writes it atomically; returns a summary."""
+    trt = import_backend(config.backend)
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    from .runtime import has_custom_nodes
+
+    if has_custom_nodes(onnx_path):
+        register_plugins(trt)
+    (s_min, s_opt, s_max), (h, w) = _frames(onnx_path, config)
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    flags = 0
+    if config.backend == "tensorrt" and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    start = time.perf_counter()
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(min(parser.num_errors, 3)))
+        raise QVGGTError(f"{config.backend} cannot parse {onnx_path}: {errors}")
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
+    if config.fp16 and hasattr(trt.BuilderFlag, "FP16"):
+        builder_config.set_flag(trt.BuilderFlag.FP16)
+    if config.backend == "tensorrt-rtx":
+        # Ahead-of-time build (works without a GPU): name the GPU generations the engine targets.
+        caps = [getattr(trt.ComputeCapability, c) for c in RTX_COMPUTE_CAPABILITIES if hasattr(trt.ComputeCapability, c)]
+        builder_config.num_compute_capabilities = len(caps)
+        for i, cap in enumerate(caps):
+            builder_config.set_compute_capability(cap, i)
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    profile.set_shape(name, (1, s_min, 3, h, w), (1, s_opt, 3, h, w), (1, s_max, 3, h, w))
+    builder_config.add_optimization_profile(profile)
+    # TensorRT-RTX picks kernels at runtime (its timing cache calls are no-ops): only standard TensorRT
+    # gets one.
+    cache_path = Path(config.timing_cache) if config.timing_cache and config.backend == "tensorrt" else None
+    if cache_path:
+        cache = builder_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        builder_config.set_timing_cache(cache, ignore_mismatch=True)
+    serialized = builder.build_serialized_network(network, builder_config)
+    if serialized is None:
+        raise QVGGTError(f"{config.backend} failed to build an engine from {onnx_path} (see the log above)")
+    with atomic_output(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    if cache_path:
+        with atomic_output(cache_path) as tmp:
+            tmp.write_bytes(bytes(builder_config.get_timing_cache().serialize()))
+    info = {"engine": str(engine_path), "backend": config.backend, "backend_version": trt.__version__,
+            "bytes": engine_path.stat().st_size, "layers_parsed": network.num_layers, "frames": [s_min, s_opt, s_max],
+            "image_size": [h, w], "plugin": has_custom_nodes(onnx_path), "onnx_sha256": sha256_file(onnx_path),
+            "seconds": round(time.perf_counter() - start, 2)}
+    # The sidecar tells `infer` and `compare` the engine's input size and whether it needs the plugin.
+    write_json(sidecar_path(engine_path), info)
+    logger.info("built %s with %s (%d network layers, %.1f MB) in %.1f s", engine_path, config.backend,
+                network.num_layers, info["bytes"] / 1e6, info["seconds"])
+    return info
