@@ -169,3 +169,76 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
                                                  opt_frames=opt_frames, max_frames=max_frames,
                                                  timing_cache=timing_cache))
     click.echo(f"wrote {info['engine']} ({info['bytes'] / 1e6:.1f} MB, {backend})")
+
+
+@main.command("build")
+@click.option("--precision", type=click.Choice(["fp16", "w8a16", "w4a16"]), default="w4a16", show_default=True)
+@click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint. " + CHECKPOINT_HELP)
+@click.option("--calib", default="synthetic", show_default=True,
+              help="'synthetic' or a folder of image folders (one per scene).")
+@click.option("--calib-scenes", default=4, show_default=True)
+@click.option("--calib-frames", default=4, show_default=True)
+@click.option("--method", type=click.Choice(["qvggt", "awq", "gptq", "rtn"]), default="qvggt", show_default=True)
+@click.option("--plan", default=None, help="auto | paper | uniform | plan file (default: the method's).")
+@click.option("--out", "-o", default=None, type=click.Path(), help="Output folder (default engines/NAME-PRECISION).")
+@_frame_options
+@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx", "none"]), default=None,
+              help="Engine backend (default: whichever TensorRT imports; none: skip the engine).")
+def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, plan, out, image_size, min_frames,
+              opt_frames, max_frames, backend):
+    """calibrate -> quantize -> export -> lower -> compare -> engine, skipping up-to-date stages.
+
+    With no arguments: the embedded vggt-tiny model, synthetic calibration, W4A16. Exit code 1 when the
+    compare stage fails."""
+    from ..build import BuildConfig, build
+    from ..export.spec import parse_image_size
+
+    summary = build(BuildConfig(precision=precision, checkpoint=checkpoint, out=out, method=method, plan=plan,
+                                calib=calib, calib_scenes=calib_scenes, calib_frames=calib_frames,
+                                image_size=parse_image_size(image_size) if image_size else None,
+                                min_frames=min_frames, opt_frames=opt_frames, max_frames=max_frames,
+                                backend=backend))
+    click.echo(f"build {'done' if summary['compare']['passed'] else 'done, but compare FAILED'}: {summary['out']}")
+    sys.exit(0 if summary["compare"]["passed"] else 1)
+
+
+@main.command("infer")
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
+@click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
+              help="Preprocessing, as `predict`.")
+def infer_cmd(model, images, out, mode):
+    """Run MODEL (.onnx in ONNX Runtime, or a TensorRT / TensorRT-RTX .engine) on IMAGES (views of one
+    scene); writes the same predictions as `predict` (extrinsic and intrinsic included)."""
+    from ..export.infer import infer
+
+    infer(model, images, out, mode)
+    click.echo(f"wrote {out}")
+
+
+@main.command("bench")
+@click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint. " + CHECKPOINT_HELP)
+@click.option("--quantized", "-q", default=None, type=click.Path(),
+              help="Its W4A16 checkpoint (default: RTN-quantize the checkpoint here).")
+@click.option("--frames", default="1,2,8", show_default=True, help="Numbers of views.")
+@click.option("--image-size", default=None, metavar="HxW", help="Default: the model's img_size, square.")
+@click.option("--runs", default=3, show_default=True, help="Timed runs per case (after one warm-up).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--workdir", default="engines/bench", show_default=True, type=click.Path(),
+              help="Where the ONNX files of the benchmark go (reused when up to date).")
+@click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
+def bench_cmd(checkpoint, quantized, frames, image_size, runs, threads, workdir, report):
+    """Latency and peak memory of PyTorch and ONNX Runtime, fp32 vs w4a16, printed as ratios."""
+    from ..bench import BenchConfig, bench, format_table
+    from ..export.spec import parse_image_size
+    from ..io import write_json
+
+    result = bench(BenchConfig(checkpoint=checkpoint, quantized=quantized,
+                               frames=tuple(int(f) for f in frames.split(",")),
+                               image_size=parse_image_size(image_size) if image_size else None, runs=runs,
+                               threads=threads, workdir=workdir))
+    for line in format_table(result):
+        click.echo(line)
+    if report:
+        write_json(report, result)

@@ -116,6 +116,27 @@ def export_patches(model: nn.Module) -> Iterator[None]:
             del module._buffers["onnx_weight"]
 
 
+def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
+    dtype = next(module.parameters(recurse=False)).dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _fp16_copy(model: nn.Module) -> nn.Module:
+    """fp16 copy with spec.FP32_MODULES in fp32; every module with its own float parameters casts its
+    inputs to their dtype, which puts a Cast exactly at the fp16/fp32 boundaries."""
+    from ..quant.linear import QuantLinear
+
+    half = copy.deepcopy(model).half()
+    for name in spec.FP32_MODULES:
+        half.get_submodule(name).float()
+    for module in half.modules():
+        own = list(module.parameters(recurse=False))
+        # QuantLinear computes in its input's dtype by itself.
+        if own and own[0].is_floating_point() and not isinstance(module, QuantLinear):
+            module.register_forward_pre_hook(_cast_inputs)
+    return half
+
+
 def metadata(model: nn.Module, config: ExportConfig, plan: dict | None) -> dict[str, str]:
     meta = {spec.META_SPEC: json.dumps(config.to_dict(), sort_keys=True),
             spec.META_CONFIG: json.dumps(model.config.to_dict(), sort_keys=True)}
@@ -151,7 +172,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     plan = check_plan(model)
     _check_precision(model, config, plan)
     dtype = torch.float16 if config.dtype == "fp16" else torch.float32
-    graph_model = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
+    graph_model = _fp16_copy(model) if dtype == torch.float16 else model
     h, w = config.image_size
     # Trace with 2 frames: 1 would let torch.export specialise the frame axis to a constant.
     example = torch.rand(1, max(2, config.min_frames), 3, h, w)

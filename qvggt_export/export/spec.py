@@ -23,6 +23,9 @@ DEFAULT_IMAGE_SIZE = (518, 518)
 # fp32 graph and for fp16 graphs (compared with the fp32 PyTorch model).
 REL_TOL = {"fp32": dict.fromkeys(OUTPUT_NAMES, 1e-3), "fp16": dict.fromkeys(OUTPUT_NAMES, 3e-2)}
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
+# Modules that stay fp32 in fp16 graphs: the dense heads, as the released model runs them (autocast
+# off); their exp / expm1 activations overflow fp16 (depth_conf = 1 + exp(x)).
+FP32_MODULES = ("depth_head", "point_head")
 # Metadata keys of the exported model.
 META_SPEC = "qvggt.export_spec"
 META_PLAN = "qvggt.quant_plan"

@@ -1,0 +1,222 @@
+"""`qvggt-export build`: calibrate -> quantize -> export -> lower -> compare -> engine.
+
+Every stage writes its artifacts atomically and then a sidecar `.stages/<stage>.json` holding the hash
+of its inputs + config and the hashes of its outputs. A rerun skips a stage whose sidecar matches and
+whose outputs are unchanged on disk, so a killed build resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import InputError, QVGGTError
+from .io import sha256_file, sha256_json, write_json
+from .log import logger
+
+STAGES_DIR = ".stages"
+
+
+@dataclass
+class BuildConfig:
+    precision: str = "w4a16"  # fp16 | w8a16 | w4a16
+    checkpoint: str | None = None  # None: the embedded vggt-tiny
+    out: str | None = None  # None: engines/<model>-<precision>
+    method: str = "qvggt"
+    plan: str | None = None
+    calib: str = "synthetic"
+    calib_scenes: int = 4
+    calib_frames: int = 4
+    image_size: tuple[int, int] | None = None  # None: the model's img_size, square
+    min_frames: int = 1
+    opt_frames: int = 4
+    max_frames: int = 32
+    targets: tuple[str, ...] = ("ort", "qdq")
+    backend: str | None = None  # None: whichever TensorRT imports; "none": no engine
+    compare_scenes: int = 2
+    compare_frames: int = 4
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.precision not in ("fp16", "w8a16", "w4a16"):
+            raise InputError(f"--precision must be fp16, w8a16 or w4a16, got {self.precision!r}")
+
+
+def _versions() -> dict:
+    import onnx
+    import torch
+
+    return {"qvggt_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "python": platform.python_version()}
+
+
+class Stages:
+    """Sidecar bookkeeping: `run(name, inputs, outputs, fn)` runs fn() unless it is up to date."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ran: dict[str, str] = {}
+
+    def _sidecar(self, name: str) -> Path:
+        return self.root / STAGES_DIR / f"{name}.json"
+
+    def up_to_date(self, name: str, key: str, outputs: list[Path]) -> bool:
+        sidecar = self._sidecar(name)
+        if not sidecar.is_file():
+            return False
+        try:
+            record = json.loads(sidecar.read_text())
+        except json.JSONDecodeError:
+            return False
+        if record.get("key") != key:
+            return False
+        return all(p.exists() and record["outputs"].get(p.name) == sha256_file(p) for p in outputs)
+
+    def run(self, name: str, inputs: dict, outputs: list[Path], fn) -> bool:
+        """True when the stage ran, False when it was skipped."""
+        key = sha256_json(inputs)
+        if self.up_to_date(name, key, outputs):
+            logger.info("[%s] up to date, skipped", name)
+            self.ran[name] = "skipped (up to date)"
+            return False
+        start = time.perf_counter()
+        logger.info("[%s] running", name)
+        fn()
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise QVGGTError(f"stage {name} did not write {', '.join(missing)}")
+        write_json(self._sidecar(name), {"key": key, "inputs": inputs, "versions": _versions(),
+                                         "outputs": {p.name: sha256_file(p) for p in outputs}})
+        self.ran[name] = f"ran in {time.perf_counter() - start:.1f} s"
+        return True
+
+
+def _source_hash(checkpoint: str | None) -> tuple[Path, str]:
+    from .model.loading import DEFAULT_MODEL, resolve_source
+
+    path = resolve_source(checkpoint or DEFAULT_MODEL)
+    return path, sha256_file(path)
+
+
+def build(config: BuildConfig) -> dict:
+    """Runs the pipeline; returns the summary (also written to OUT/summary.json)."""
+    from .export.lower import lowered_path, write_lowering
+    from .export.onnx_export import export_onnx
+    from .export.spec import ExportConfig
+    from .model import load_model
+
+    config.check()
+    source, source_sha = _source_hash(config.checkpoint)
+    name = Path(config.checkpoint).stem if config.checkpoint else "vggt-tiny"
+    root = Path(config.out or f"engines/{name}-{config.precision}")
+    stages = Stages(root)
+    quantized = config.precision != "fp16"
+    qpath, calib_dir, onnx_path = root / "quantized.safetensors", root / "calib", root / "model.onnx"
+    model_fp = None
+
+    def fp_model():
+        nonlocal model_fp
+        if model_fp is None:
+            model_fp = load_model(str(source))
+            if getattr(model_fp, "quant_plan", None) is not None:
+                raise InputError(f"{source} is already quantized: build takes the full-precision checkpoint")
+        return model_fp
+
+    quant_inputs = {"checkpoint": source_sha, "precision": config.precision, "method": config.method,
+                    "plan": config.plan, "calib": config.calib, "calib_scenes": config.calib_scenes,
+                    "calib_frames": config.calib_frames}
+    if quantized:
+        stages.run("calibrate+quantize", quant_inputs, [qpath], lambda: _quantize(fp_model(), config, calib_dir, qpath))
+        model_source, model_sha = qpath, sha256_file(qpath)
+    else:
+        model_source, model_sha = source, source_sha
+    deployed = load_model(str(model_source))
+    image_size = config.image_size or (deployed.config.img_size, deployed.config.img_size)
+    export_config = ExportConfig(precision=config.precision, image_size=tuple(image_size),
+                                 min_frames=config.min_frames, opt_frames=config.opt_frames,
+                                 max_frames=config.max_frames)
+    stages.run("export", {"model": model_sha, "export": export_config.to_dict()}, [onnx_path],
+               lambda: export_onnx(deployed, onnx_path, export_config))
+    onnx_sha = sha256_file(onnx_path)
+    lowered = {}
+    for target in config.targets if quantized else ():
+        out = lowered_path(onnx_path, target)
+        stages.run(f"lower-{target}", {"onnx": onnx_sha, "target": target}, [out],
+                   lambda out=out, target=target: write_lowering(onnx_path, target, out))
+        lowered[target] = out
+    candidate = lowered.get("qdq") or lowered.get("ort") or onnx_path
+    compare_path = root / "compare.json"
+    stages.run("compare", {"candidate": sha256_file(candidate), "reference": model_sha,
+                           "scenes": config.compare_scenes, "frames": config.compare_frames}, [compare_path],
+               lambda: _compare(candidate, deployed, image_size, config, compare_path))
+    compare_report = json.loads(compare_path.read_text())
+    engine = _engine_stage(stages, candidate, config)
+    summary = _summary(root, config, stages, [qpath] if quantized else [], onnx_path, lowered, compare_report, engine)
+    write_json(root / "summary.json", summary)
+    return summary
+
+
+def _quantize(model_fp, config: BuildConfig, calib_dir: Path, qpath: Path) -> None:
+    import torch
+
+    from .quant.calib import load_calibration
+    from .quant.checkpoint import save_quantized
+    from .quant.quantizer import QuantConfig, quantize_model
+
+    torch.set_grad_enabled(False)
+    calib = load_calibration(config.calib, model_fp, config.calib_scenes, config.calib_frames)
+    qconfig = QuantConfig(method=config.method, plan=config.plan, precision=config.precision)
+    save_quantized(quantize_model(model_fp, calib, qconfig, calib_dir=calib_dir), qpath)
+
+
+def _compare(candidate: Path, reference, image_size, config: BuildConfig, out: Path) -> None:
+    from .compare import CompareConfig, compare, synthetic_inputs
+    from .export import spec
+
+    # The deployed graph has fp16 activations: its tolerance is the fp16 one of the export spec.
+    report = compare(candidate, reference, synthetic_inputs(tuple(image_size), config.compare_scenes,
+                                                            config.compare_frames),
+                     CompareConfig(rel_tol=dict(spec.REL_TOL["fp16"]), error_stat="max"))
+    write_json(out, report)
+
+
+def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
+    from .export.engine import BackendMissing, EngineConfig, build_engine, default_backend
+
+    backend = config.backend or default_backend()
+    if backend in (None, "none"):
+        return {"built": False, "reason": "no TensorRT installed here (pip install 'qvggt-export[rtx]' for "
+                                          "TensorRT-RTX, or build on the target with `qvggt-export engine`)"}
+    engine_path = onnx_path.with_suffix(".engine")
+    try:
+        stages.run(f"engine-{backend}", {"onnx": sha256_file(onnx_path), "backend": backend}, [engine_path],
+                   lambda: build_engine(onnx_path, engine_path, EngineConfig(backend=backend)))
+    except BackendMissing as exc:
+        return {"built": False, "reason": str(exc)}
+    return {"built": True, "path": str(engine_path), "backend": backend, "bytes": engine_path.stat().st_size}
+
+
+def _summary(root, config, stages, quant_files, onnx_path, lowered, compare_report, engine) -> dict:
+    def size(p: Path) -> int:
+        data = p.with_name(p.name + ".data")
+        return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+    files = {p.name: size(p) for p in [*quant_files, onnx_path, *lowered.values()]}
+    summary = {"out": str(root), "config": asdict(config), "stages": stages.ran, "files": files,
+               "compare": {"passed": compare_report["passed"], "candidate": compare_report["candidate"],
+                           "worst_relative_error": max(max(s["relative_error"].values())
+                                                      for s in compare_report["scenes"])},
+               "engine": engine}
+    logger.info("build summary (%s):", root)
+    for stage, status in stages.ran.items():
+        logger.info("  %-22s %s", stage, status)
+    for fname, nbytes in files.items():
+        logger.info("  %-22s %.2f MB", fname, nbytes / 1e6)
+    logger.info("  compare                %s (worst relative error %.2e)",
+                "PASSED" if compare_report["passed"] else "FAILED", summary["compare"]["worst_relative_error"])
+    logger.info("  engine                 %s", engine.get("path") or f"not built: {engine['reason']}")
+    return summary

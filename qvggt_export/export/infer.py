@@ -1,0 +1,100 @@
+"""`qvggt-export infer`: a deployed model (.onnx in ONNX Runtime, .engine in TensorRT / TensorRT-RTX) on
+one scene's views, with `predict`'s preprocessing and outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, QVGGTError
+from ..log import logger
+from . import spec
+
+
+def _check_size(images: np.ndarray, image_size, frames: tuple[int, int] | None, model: Path) -> None:
+    if tuple(images.shape[-2:]) != tuple(image_size):
+        raise InputError(f"images preprocess to {images.shape[-2]}x{images.shape[-1]}, but {model.name} is fixed "
+                         f"to {image_size[0]}x{image_size[1]} (export it with --image-size "
+                         f"{images.shape[-2]}x{images.shape[-1]}, or use --mode pad with suitable images)")
+    if frames and not frames[0] <= images.shape[0] <= frames[1]:
+        raise InputError(f"{model.name} takes {frames[0]}..{frames[1]} views, got {images.shape[0]}")
+
+
+def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    from .lower import lower
+    from .onnx_export import load_onnx, model_metadata
+    from .runtime import has_custom_nodes, ort_session
+
+    model = load_onnx(path, load_external_data=False)
+    export = json.loads(model_metadata(model).get(spec.META_SPEC, "{}"))
+    if "image_size" in export:
+        _check_size(images, export["image_size"], (export["min_frames"], export["max_frames"]), path)
+    session = ort_session(lower(load_onnx(path), "ort") if has_custom_nodes(path) else path)
+    outs = session.run(list(spec.OUTPUT_NAMES), {spec.INPUT_NAME: images[None].astype(np.float32)})
+    return dict(zip(spec.OUTPUT_NAMES, outs))
+
+
+def run_engine(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """TensorRT / TensorRT-RTX Python runtime on CUDA memory owned by torch."""
+    import torch
+
+    from .engine import import_backend, register_plugins, sidecar_path
+
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        raise InputError(f"{path}: missing {sidecar.name} (engines built by `qvggt-export engine` have one)")
+    info = json.loads(sidecar.read_text())
+    _check_size(images, info["image_size"], (info["frames"][0], info["frames"][2]), path)
+    trt = import_backend(info["backend"])
+    if info.get("plugin"):
+        register_plugins(trt)
+    if not torch.cuda.is_available():
+        raise QVGGTError(f"{path.name} is a TensorRT engine and needs a CUDA GPU; run the .onnx here instead")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise InputError(f"{path} cannot be deserialized by {info['backend']} {trt.__version__} on this GPU")
+    context = engine.create_execution_context()
+    x = torch.from_numpy(images[None].astype(np.float32)).cuda()
+    context.set_input_shape(spec.INPUT_NAME, tuple(x.shape))
+    context.set_tensor_address(spec.INPUT_NAME, x.data_ptr())
+    outputs = {}
+    for name in spec.OUTPUT_NAMES:
+        shape = tuple(context.get_tensor_shape(name))
+        outputs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+        context.set_tensor_address(name, outputs[name].data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise QVGGTError(f"{info['backend']} failed to run {path}")
+    stream.synchronize()
+    return {k: v.cpu().numpy() for k, v in outputs.items()}
+
+
+def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop") -> dict[str, np.ndarray]:
+    import torch
+
+    from ..data.images import load_and_preprocess_images
+    from ..geometry import pose_encoding_to_extri_intri
+    from ..predict import save_predictions
+
+    model = Path(model)
+    if model.suffix not in (".onnx", ".engine"):
+        raise InputError(f"{model}: expected an .onnx or .engine file")
+    if not model.is_file():
+        raise InputError(f"model not found: {model}")
+    if Path(out).suffix != ".npz":
+        raise InputError(f"output must be an .npz file, got {out}")
+    images = load_and_preprocess_images([str(p) for p in image_paths], mode=mode).numpy()
+    start = time.perf_counter()
+    raw = run_onnx(model, images) if model.suffix == ".onnx" else run_engine(model, images)
+    logger.info("%d views of %dx%d through %s in %.2f s", images.shape[0], images.shape[-2], images.shape[-1],
+                model.name, time.perf_counter() - start)
+    preds = {k: v[0] for k, v in raw.items()}  # batch dim removed, as `predict`
+    extrinsic, intrinsic = pose_encoding_to_extri_intri(torch.from_numpy(raw["pose_enc"]), images.shape[-2:])
+    preds["extrinsic"] = np.asarray(extrinsic[0], dtype=np.float32)
+    preds["intrinsic"] = np.asarray(intrinsic[0], dtype=np.float32)
+    save_predictions(out, preds)
+    return preds
