@@ -93,6 +93,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
     over the frame axis, writes it atomically; returns a summary."""
     trt = import_backend(config.backend)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    try:  # fail before a build that can take minutes
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QVGGTError(f"cannot write to {engine_path.parent}: {exc.strerror or exc}") from None
     from .runtime import has_custom_nodes
 
     if has_custom_nodes(onnx_path):

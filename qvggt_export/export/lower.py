@@ -135,6 +135,10 @@ def _to_plugin(graph, node, cache: dict) -> None:
     K, N, group, bits = _attrs(node)
     if bits != 4:
         return  # the plugin kernel is W4 only; W8 nodes keep the canonical layout and the ref path
+    if _act_dtype(node) != np.float16:
+        # TensorRT's parser gives the plugin's fp16 output to fp32 consumers and refuses the graph.
+        raise QVGGTError("--target plugin needs an fp16-activation graph (the W4A16 kernel computes in fp16); "
+                         "export with --activations fp16")
     packed = torch.from_numpy(node.inputs[1].values.view(np.uint8).reshape(N, K // 2).copy())
     scales = torch.from_numpy(node.inputs[2].values.reshape(N, K // group).copy())
 

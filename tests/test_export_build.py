@@ -1,0 +1,95 @@
+"""`build` end to end on a small checkpoint: stages, skip when up to date, resume, summary; and the
+one-line errors of the deployment commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qvggt_export.build import BuildConfig, build
+from qvggt_export.cli import main
+from qvggt_export.model.loading import save_vggt
+
+from export_helpers import IMAGE_SIZE, exported_tiny, tiny_float_model
+
+
+@pytest.mark.slow
+def test_build_runs_skips_and_resumes(tmp_path):
+    checkpoint = save_vggt(tiny_float_model(), tmp_path / "tiny.safetensors")
+    config = BuildConfig(precision="w4a16", checkpoint=str(checkpoint), out=str(tmp_path / "out"), method="rtn",
+                         calib_scenes=1, calib_frames=2, image_size=IMAGE_SIZE, max_frames=8, compare_scenes=1,
+                         compare_frames=2, backend="tensorrt-rtx")
+    pytest.importorskip("tensorrt_rtx")
+    first = build(config)
+    out = tmp_path / "out"
+    assert first["compare"]["passed"]
+    assert first["engine"]["built"] and (out / "model.qdq.engine").stat().st_size > 0
+    assert set(first["files"]) == {"quantized.safetensors", "model.onnx", "model.ort.onnx", "model.qdq.onnx"}
+    assert all(status.startswith("ran") for status in first["stages"].values())
+    onnx_bytes = (out / "model.onnx").read_bytes()
+
+    second = build(config)
+    assert all(status.startswith("skipped") for status in second["stages"].values())
+
+    # A lost artifact (or a run killed before writing it) is redone, and only what depends on it.
+    (out / "model.ort.onnx").unlink()
+    third = build(config)
+    ran = {k for k, v in third["stages"].items() if v.startswith("ran")}
+    assert ran == {"lower-ort"}
+    assert (out / "model.onnx").read_bytes() == onnx_bytes
+    assert json.loads((out / "summary.json").read_text())["stages"] == third["stages"]
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".model.onnx.*"))
+
+
+def _run(args):
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+def test_cli_one_line_errors(tmp_path_factory, tmp_path):
+    _, onnx_path = exported_tiny(tmp_path_factory)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(onnx_path.read_bytes()[:5000])
+    image = tmp_path / "view.png"
+    from PIL import Image
+
+    Image.new("RGB", (640, 480), (120, 30, 200)).save(image)
+    cases = [
+        (["compare", str(truncated)], "not a readable ONNX model"),
+        (["engine", str(truncated), "--backend", "tensorrt-rtx"], "not a readable ONNX model"),
+        # The model is fixed to 28x28; the image preprocesses to 518 wide.
+        (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.npz")], "is fixed to 28x28"),
+        (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.txt")], "must be an .npz"),
+    ]
+    for args, message in cases:
+        code, output = _run(args)
+        assert code == 2, (args, output)
+        assert message in output and "Traceback" not in output
+        assert len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / "p.npz").exists()
+
+
+def test_unwritable_output_dir_leaves_nothing(tmp_path_factory, tmp_path):
+    _, onnx_path = exported_tiny(tmp_path_factory)
+    # A file where the output folder should be: unwritable even for root (chmod is not).
+    blocker = tmp_path / "engines"
+    blocker.write_text("not a folder")
+    code, output = _run(["engine", str(onnx_path), "--backend", "tensorrt-rtx", "--out",
+                         str(blocker / "model.engine")])
+    if "TensorRT for RTX is not installed" not in output:
+        assert code == 2 and "cannot write" in output and len(output.strip().splitlines()) == 1, output
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_missing_tensorrt_is_one_line(tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("standard TensorRT is installed here")
+    _, onnx_path = exported_tiny(tmp_path_factory)
+    code, output = _run(["engine", str(onnx_path), "--backend", "tensorrt"])
+    assert code == 2 and "standard TensorRT is not installed" in output
+    assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert not onnx_path.with_suffix(".engine").exists()
