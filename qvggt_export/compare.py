@@ -82,15 +82,19 @@ def onnx_runner(path: str | Path, name: str | None = None):
 
 
 def engine_runner(path: str | Path):
-    from .export.engine import import_backend
+    """Polygraphy's TensorRT runner (standard TensorRT: Polygraphy imports `tensorrt` itself)."""
+    import json
 
+    from .export.engine import import_backend, register_plugins, sidecar_path
+
+    path = Path(path)
     trt = import_backend("tensorrt")
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from .export.engine import register_plugins
-
-    register_plugins(trt)
-    return TrtRunner(EngineFromBytes(Path(path).read_bytes()), name=f"tensorrt:{Path(path).name}")
+    sidecar = sidecar_path(path)
+    if sidecar.is_file() and json.loads(sidecar.read_text()).get("plugin"):
+        register_plugins(trt)
+    return TrtRunner(EngineFromBytes(path.read_bytes()), name=f"tensorrt:{path.name}")
 
 
 def runner_for(source, name: str | None = None):

@@ -10,7 +10,9 @@ from qvggt_export.quant.linear import QuantLinear
 from qvggt_export.quant.plan import build_plan, quantized_layers
 from qvggt_export.quant.scale import replace_module
 
-IMAGE_SIZE = (28, 28)
+# 518 wide: what the released preprocessing ("crop") makes of a 2:37 image, so `infer` can be tested
+# on image files; 2 patch rows keep it fast.
+IMAGE_SIZE = (28, 518)
 # Few blocks keep the torch.export trace short; widths are multiples of the 128-group.
 TINY = dict(embed_dim=128, depth=2, num_heads=2, patch_embed="conv", camera_num_heads=2, camera_trunk_depth=1,
             dpt_features=16, dpt_out_channels=(8, 16, 32, 32), intermediate_layer_idx=(0, 0, 1, 1),

@@ -59,8 +59,8 @@ def test_cli_one_line_errors(tmp_path_factory, tmp_path):
     cases = [
         (["compare", str(truncated)], "not a readable ONNX model"),
         (["engine", str(truncated), "--backend", "tensorrt-rtx"], "not a readable ONNX model"),
-        # The model is fixed to 28x28; the image preprocesses to 518 wide.
-        (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.npz")], "is fixed to 28x28"),
+        # The model is fixed to 28x518; a 4:3 image preprocesses to 392x518.
+        (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.npz")], "is fixed to 28x518"),
         (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.txt")], "must be an .npz"),
     ]
     for args, message in cases:
@@ -93,3 +93,30 @@ def test_missing_tensorrt_is_one_line(tmp_path_factory):
     assert code == 2 and "standard TensorRT is not installed" in output
     assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
     assert not onnx_path.with_suffix(".engine").exists()
+
+
+def test_infer_onnx_matches_predict(tmp_path_factory, tmp_path):
+    """`infer` on the ONNX gives `predict`'s outputs (same preprocessing, extrinsic/intrinsic included)."""
+    import numpy as np
+    from PIL import Image
+
+    from qvggt_export.data.images import load_and_preprocess_images
+    from qvggt_export.inference import run_model
+
+    model, onnx_path = exported_tiny(tmp_path_factory)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"view{i}.png")
+        Image.fromarray(rng.integers(0, 255, (56, 1036, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "preds.npz"
+    code, output = _run(["infer", str(onnx_path), *map(str, paths), "--out", str(out)])
+    assert code == 0, output
+    got = dict(np.load(out))
+    expected = run_model(model, load_and_preprocess_images([str(p) for p in paths]))
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].shape == value.shape, key
+        finite = value[np.isfinite(value)]  # a random model can predict fov 0: focal inf in both
+        span = float(finite.max() - finite.min()) or 1.0
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-3 * span, err_msg=key)

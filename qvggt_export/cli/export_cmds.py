@@ -150,7 +150,9 @@ def _reference(reference: str, checkpoint: str | None):
 @click.option("--max-frames", type=int, default=None)
 @click.option("--timing-cache", default=None, type=click.Path(), help="Timing cache file (read and updated).")
 @click.option("--no-fp16", is_flag=True, help="Standard TensorRT: do not allow FP16 kernels.")
-def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_cache, no_fp16):
+@click.option("--plugin-library", default=None, type=click.Path(),
+              help="C++ W4A16 plugin (libqvggt_plugins.so) for `plugin` lowerings (default: the Python plugin).")
+def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_cache, no_fp16, plugin_library):
     """Build a TensorRT (Jetson, datacenter GPUs; build on the target) or TensorRT-RTX (RTX GPUs; builds
     anywhere, even on a CPU) engine from MODEL.onnx. `plugin` lowerings register the W4A16 plugin."""
     from pathlib import Path
@@ -167,7 +169,7 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
     out = out or str(Path(model).with_suffix(".engine"))
     info = build_engine(model, out, EngineConfig(backend=backend, fp16=not no_fp16, min_frames=min_frames,
                                                  opt_frames=opt_frames, max_frames=max_frames,
-                                                 timing_cache=timing_cache))
+                                                 timing_cache=timing_cache, plugin_library=plugin_library))
     click.echo(f"wrote {info['engine']} ({info['bytes'] / 1e6:.1f} MB, {backend})")
 
 
@@ -208,12 +210,14 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, 
 @click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
 @click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="Preprocessing, as `predict`.")
-def infer_cmd(model, images, out, mode):
+@click.option("--plugin-library", default=None, type=click.Path(),
+              help="C++ W4A16 plugin (libqvggt_plugins.so) for engines that use it (default: the Python plugin).")
+def infer_cmd(model, images, out, mode, plugin_library):
     """Run MODEL (.onnx in ONNX Runtime, or a TensorRT / TensorRT-RTX .engine) on IMAGES (views of one
     scene); writes the same predictions as `predict` (extrinsic and intrinsic included)."""
     from ..export.infer import infer
 
-    infer(model, images, out, mode)
+    infer(model, images, out, mode, plugin_library)
     click.echo(f"wrote {out}")
 
 

@@ -51,8 +51,14 @@ def default_backend() -> str | None:
     return None
 
 
-def register_plugins(trt) -> None:
-    """The W4A16MatMul plugin creator (needed only by engines of the `plugin` lowering)."""
+def register_plugins(trt, library: str | Path | None = None) -> None:
+    """The W4A16MatMul plugin creator (needed only by engines of the `plugin` lowering): from the C++
+    plugin library (plugins/, `libqvggt_plugins.so`) when given, else the Python plugin."""
+    if library is not None:
+        if not Path(library).is_file():
+            raise QVGGTError(f"plugin library not found: {library} (build it from plugins/ with CMake)")
+        trt.get_plugin_registry().load_library(str(library))
+        return
     try:
         from .trt_plugin import register_plugin
     except ImportError as exc:
@@ -69,6 +75,7 @@ class EngineConfig:
     max_frames: int | None = None
     timing_cache: str | None = None
     workspace_gib: float = 4.0
+    plugin_library: str | None = None  # C++ plugin (.so); None: the Python plugin
 
 
 def _frames(onnx_path: Path, config: EngineConfig) -> tuple[tuple[int, int, int], tuple[int, int]]:
@@ -100,7 +107,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
     from .runtime import has_custom_nodes
 
     if has_custom_nodes(onnx_path):
-        register_plugins(trt)
+        register_plugins(trt, config.plugin_library)
     (s_min, s_opt, s_max), (h, w) = _frames(onnx_path, config)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)

@@ -37,7 +37,7 @@ def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(spec.OUTPUT_NAMES, outs))
 
 
-def run_engine(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def run_engine(path: Path, images: np.ndarray, plugin_library: str | None = None) -> dict[str, np.ndarray]:
     """TensorRT / TensorRT-RTX Python runtime on CUDA memory owned by torch."""
     import torch
 
@@ -50,7 +50,7 @@ def run_engine(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     _check_size(images, info["image_size"], (info["frames"][0], info["frames"][2]), path)
     trt = import_backend(info["backend"])
     if info.get("plugin"):
-        register_plugins(trt)
+        register_plugins(trt, plugin_library)
     if not torch.cuda.is_available():
         raise QVGGTError(f"{path.name} is a TensorRT engine and needs a CUDA GPU; run the .onnx here instead")
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -73,7 +73,8 @@ def run_engine(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v.cpu().numpy() for k, v in outputs.items()}
 
 
-def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop") -> dict[str, np.ndarray]:
+def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop",
+          plugin_library: str | None = None) -> dict[str, np.ndarray]:
     import torch
 
     from ..data.images import load_and_preprocess_images
@@ -89,7 +90,7 @@ def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop") -
         raise InputError(f"output must be an .npz file, got {out}")
     images = load_and_preprocess_images([str(p) for p in image_paths], mode=mode).numpy()
     start = time.perf_counter()
-    raw = run_onnx(model, images) if model.suffix == ".onnx" else run_engine(model, images)
+    raw = run_onnx(model, images) if model.suffix == ".onnx" else run_engine(model, images, plugin_library)
     logger.info("%d views of %dx%d through %s in %.2f s", images.shape[0], images.shape[-2], images.shape[-1],
                 model.name, time.perf_counter() - start)
     preds = {k: v[0] for k, v in raw.items()}  # batch dim removed, as `predict`
