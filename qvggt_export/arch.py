@@ -184,3 +184,21 @@ def aggregator(model: nn.Module) -> nn.Module:
 
 # State-dict key of the CIC token (a quantized checkpoint carries it when CIC was used).
 EXTRA_CAMERA_TOKENS_KEY = "camera_head.extra_tokens"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export spec (the export engineer's section; qvggt_export/export/spec.py builds ExportConfig on it)
+
+EXPORT_INPUT = "images"  # [1, S, 3, H, W] float32 in [0, 1]
+# The VGGT prediction dict keys that become graph outputs, in graph order; all [1, S, ...].
+EXPORT_OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
+EXPORT_FRAME_AXIS = 1
+# Opset 21: INT4 DequantizeLinear with block_size exists, and attention still decomposes into
+# MatMul/Softmax (opset 23 would emit the Attention op, unverified with TensorRT's parser).
+EXPORT_OPSET = 21
+# Validation tolerance per output: max |onnx - torch| / (torch max - min), fp32 and fp16 graphs
+# (fp16 graphs are compared with the fp32 PyTorch model).
+EXPORT_REL_TOL = {"fp32": dict.fromkeys(EXPORT_OUTPUTS, 1e-3), "fp16": dict.fromkeys(EXPORT_OUTPUTS, 3e-2)}
+# Modules that stay fp32 in fp16 graphs: the dense heads, as the released model runs them (autocast
+# off); their exp / expm1 activations overflow fp16 (depth_conf = 1 + exp(x)).
+EXPORT_FP32_MODULES = ("depth_head", "point_head")

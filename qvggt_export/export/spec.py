@@ -1,5 +1,5 @@
-"""The export spec: one flat description of the exported graph's interface (optimum's OnnxConfig idea)
-and the user's export options.
+"""The export spec (the VGGT facts come from arch.py, the one place that knows VGGT) and the user's export
+options, as one flat description (optimum's OnnxConfig idea).
 
 Everything else in export/ reads names, axes, opset and tolerances from here.
 """
@@ -8,24 +8,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .. import arch
 from ..errors import InputError
 
-INPUT_NAME = "images"
-# The VGGT prediction dict keys that become graph outputs, in graph order.
-OUTPUT_NAMES = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
-FRAME_AXIS = 1  # images [1, S, 3, H, W]; every output is [1, S, ...]
+INPUT_NAME = arch.EXPORT_INPUT
+OUTPUT_NAMES = arch.EXPORT_OUTPUTS
+FRAME_AXIS = arch.EXPORT_FRAME_AXIS
 FRAME_DIM = "S"
-# Opset 21: INT4 DequantizeLinear with block_size exists, and attention still decomposes into
-# MatMul/Softmax (opset 23 would emit the Attention op, unverified with TensorRT's parser).
-OPSET = 21
+OPSET = arch.EXPORT_OPSET
 DEFAULT_IMAGE_SIZE = (518, 518)
-# Validation tolerance per output: max |candidate - reference| / (reference max - min), for the
-# fp32 graph and for fp16 graphs (compared with the fp32 PyTorch model).
-REL_TOL = {"fp32": dict.fromkeys(OUTPUT_NAMES, 1e-3), "fp16": dict.fromkeys(OUTPUT_NAMES, 3e-2)}
+REL_TOL = arch.EXPORT_REL_TOL
 PRECISIONS = ("fp32", "fp16", "w8a16", "w4a16")
-# Modules that stay fp32 in fp16 graphs: the dense heads, as the released model runs them (autocast
-# off); their exp / expm1 activations overflow fp16 (depth_conf = 1 + exp(x)).
-FP32_MODULES = ("depth_head", "point_head")
+FP32_MODULES = arch.EXPORT_FP32_MODULES
 # Metadata keys of the exported model.
 META_SPEC = "qvggt.export_spec"
 META_PLAN = "qvggt.quant_plan"
