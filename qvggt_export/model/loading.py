@@ -136,7 +136,26 @@ def load_model(source: str | Path | None = None, device: str = "cpu") -> torch.n
         model = load_quantized(path)
     else:
         model = load_vggt(path)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if torch.device(device).type == "cuda":
+        use_gpu_kernels(model)
+    return model
+
+
+def use_gpu_kernels(model: torch.nn.Module) -> int:
+    """Runs every 4-bit QuantLinear through the W4A16 CUDA kernel; returns how many were swapped."""
+    from ..kernels import is_available
+    from ..kernels.linear import install_kernel_linears
+    from ..quant.linear import QuantLinear
+
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bits == 4]
+    if names and not is_available():
+        logger.warning("W4A16 CUDA kernel unavailable (nvcc or GPU missing): %d quantized linears run the "
+                       "dequantize-then-matmul reference", len(names))
+        return 0
+    install_kernel_linears(model, names)
+    logger.info("W4A16 CUDA kernel runs %d quantized linears", len(names))
+    return len(names)
 
 
 def read_checkpoint_metadata(path: Path) -> tuple[list[str], dict[str, str]]:

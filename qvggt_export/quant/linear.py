@@ -1,7 +1,8 @@
 """Linear layers of a quantized model.
 
 `QuantLinear` holds weights in the canonical packed format (pack.py) and computes with a plain
-dequantize-then-matmul reference; the ONNX exporter and the CUDA kernel are tested against it.
+dequantize-then-matmul reference; the ONNX exporter and the CUDA kernel are tested against it. On a GPU
+`load_model(..., device="cuda")` swaps the 4-bit ones for kernels.linear.KernelLinear (the W4A16 kernel).
 `PrescaledLinear` is the float stage of the same idea used during scale search: a linear whose input
 is multiplied by a per-channel vector first (the explicit inverse scale AWQ needs before fc2).
 """
@@ -16,15 +17,6 @@ from .pack import GROUP_SIZE, pack_weight, unpack_weight
 
 PRECISION_OF_BITS = {4: "w4a16", 8: "w8a16"}
 BITS_OF_PRECISION = {v: k for k, v in PRECISION_OF_BITS.items()}
-
-
-def _cuda_kernel():
-    """The packed W4A16 GEMM when it is built and a GPU is present, else None (CPU never uses it)."""
-    try:
-        from .. import kernels
-    except ImportError:
-        return None
-    return kernels if kernels.is_available() else None
 
 
 class PrescaledLinear(nn.Linear):
@@ -101,10 +93,6 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.is_cuda and self.bits == 4:
-            kernels = _cuda_kernel()
-            if kernels is not None:
-                return kernels.w4a16_matmul(x, self.qweight, self.scales, bias, self.group_size)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def weight_bytes(self) -> int:
