@@ -34,6 +34,8 @@ VARIANTS = [
     ("QVGGT: + token filtering", QuantConfig(cic=False, task_aware=False)),
     ("QVGGT: + CIC", QuantConfig(task_aware=False)),
     ("QVGGT: + task-aware (full)", QuantConfig()),
+    # Task loss against the FP model's own outputs instead of ground truth: what fidelity asks for.
+    ("QVGGT: full, FP targets", QuantConfig(targets="fp")),
 ]
 
 
