@@ -51,3 +51,26 @@ def test_tensorrt_rtx_builds_qdq_engine_on_cpu(exported, tmp_path):
     assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(qdq)).graph.node) > 0
     assert info["frames"] == [1, 4, 8] and info["image_size"] == list(IMAGE_SIZE)
     assert info["backend_version"] == trt.__version__
+
+
+@pytest.mark.slow
+def test_plugin_lowering_builds_with_the_w4a16_plugin(tmp_path):
+    """fp16 W4A16 graph -> kernel-layout custom nodes -> TensorRT-RTX engine through the Python plugin."""
+    pytest.importorskip("tensorrt_rtx")
+    import onnx
+
+    from qvggt_export.export.engine import EngineConfig, build_engine
+    from qvggt_export.export.onnx_export import export_onnx
+    from qvggt_export.export.spec import ExportConfig
+    from qvggt_export.kernels.layout import KERNEL_LAYOUT
+
+    from export_helpers import tiny_quantized_model
+
+    path = export_onnx(tiny_quantized_model(), tmp_path / "model.onnx",
+                       ExportConfig(precision="w4a16", image_size=IMAGE_SIZE, max_frames=8))
+    plugin = write_lowering(path, "plugin")
+    nodes = [n for n in onnx.load(str(plugin)).graph.node if n.op_type == "W4A16MatMul"]
+    layouts = {onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "layout"}
+    assert nodes and layouts == {KERNEL_LAYOUT.encode()}
+    info = build_engine(plugin, tmp_path / "model.plugin.engine", EngineConfig(backend="tensorrt-rtx"))
+    assert info["plugin"] and info["bytes"] == (tmp_path / "model.plugin.engine").stat().st_size > 0
