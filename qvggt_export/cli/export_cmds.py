@@ -94,10 +94,10 @@ def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_to
                            max_rotation_deg=max_rotation_deg, max_translation_deg=max_translation_deg,
                            min_auc30=min_auc30, max_depth_abs_rel=max_depth_abs_rel, max_point_error=max_point_error)
     image_size = _model_image_size(candidate)
-    ref = _reference(reference, checkpoint)
-    inputs = image_inputs(images, image_size) if images else synthetic_inputs(image_size, scenes, frames)
     if image_size is None:
         raise InputError(f"{candidate} does not record its image size (not exported by qvggt-export?)")
+    ref = _reference(reference, checkpoint)
+    inputs = image_inputs(images, image_size) if images else synthetic_inputs(image_size, scenes, frames)
     result = compare(candidate, ref, inputs, config)
     if report:
         write_json(report, result)
