@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,18 +48,33 @@ DEV_SEEDS = range(TRAIN_SEEDS.stop - 16, TRAIN_SEEDS.stop)  # held-out training-
 class SceneCache:
     """Renders training scenes lazily (once) and keeps them as compact arrays."""
 
-    def __init__(self, image_size: tuple[int, int]) -> None:
+    def __init__(self, image_size: tuple[int, int], cache_dir: str = "") -> None:
         self.image_size = image_size
         self.scenes: dict[int, tuple] = {}
+        self.cache_dir = Path(cache_dir) / f"{image_size[0]}x{image_size[1]}" if cache_dir else None
+
+    def render(self, seed: int):
+        if seed in VAL_SEEDS or seed in CALIBRATION_SEEDS or seed not in TRAIN_SEEDS:
+            raise ValueError(f"seed {seed} is not a training seed")
+        s = render_scene(seed, SCENE_VIEWS, self.image_size)
+        images = (s.images * 255).round().astype(np.uint8)
+        return (images, s.depth.astype(np.float32), s.extrinsics.astype(np.float64),
+                s.intrinsics.astype(np.float64), s.valid)
 
     def get(self, seed: int):
         if seed not in self.scenes:
-            if seed in VAL_SEEDS or seed in CALIBRATION_SEEDS or seed not in TRAIN_SEEDS:
-                raise ValueError(f"seed {seed} is not a training seed")
-            s = render_scene(seed, SCENE_VIEWS, self.image_size)
-            images = (s.images * 255).round().astype(np.uint8)
-            self.scenes[seed] = (images, s.depth.astype(np.float32), s.extrinsics.astype(np.float64),
-                                 s.intrinsics.astype(np.float64), s.valid)
+            path = self.cache_dir / f"{seed}.npz" if self.cache_dir else None
+            if path is not None and path.exists():
+                with np.load(path) as f:
+                    self.scenes[seed] = tuple(f[k] for k in ("images", "depth", "extrinsics", "intrinsics", "valid"))
+            else:
+                self.scenes[seed] = self.render(seed)
+                if path is not None:  # a rendering cache only: the same arrays as render_scene gives
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f"{seed}.{os.getpid()}.tmp.npz")
+                    np.savez(tmp, **dict(zip(("images", "depth", "extrinsics", "intrinsics", "valid"),
+                                             self.scenes[seed])))
+                    tmp.rename(path)
         return self.scenes[seed]
 
 
@@ -109,6 +125,23 @@ def make_batch(cache: SceneCache, rng: np.random.Generator, seeds: list[int], ba
 
 
 # -------------------------------------------------------------------------------------------- losses
+
+def forward_train(model: VGGT, images: torch.Tensor, dense_frames: int = 0) -> dict:
+    """model(images), except that the dense (DPT) heads run only on the first `dense_frames` views of
+    each sample (0: all). Views are in random order, so this is an unbiased, cheaper dense loss; the
+    camera head always sees all views. Same modules as VGGT.forward."""
+    if dense_frames <= 0 or dense_frames >= images.shape[1]:
+        return model(images)
+    H, W = images.shape[-2:]
+    layers = model.aggregator(images)
+    start = model.aggregator.patch_start_idx
+    pose_enc_list = model.camera_head(layers[model.config.depth - 1])
+    sub = {i: t[:, :dense_frames] for i, t in layers.items()}
+    depth, depth_conf = model.depth_head(sub, H, W, start)
+    points, points_conf = model.point_head(sub, H, W, start)
+    return {"pose_enc": pose_enc_list[-1], "pose_enc_list": pose_enc_list, "depth": depth,
+            "depth_conf": depth_conf, "world_points": points, "world_points_conf": points_conf}
+
 
 def camera_loss(pose_enc_list, gt, loss_type: str = "l1", gamma: float = 0.6, weight_fov: float = 0.5):
     n = len(pose_enc_list)
@@ -195,12 +228,81 @@ def quick_eval(model, cache_dev: SceneCache, seeds, views: int):
             "rot_err": float(er.mean()), "absrel": float(np.mean(absrel))}
 
 
+# ------------------------------------------------------------------------ synthetic-val report + baselines
+
+def _baseline_predict(kind: str, height: int, width: int, seed: int = 0):
+    """Trivial predictors with the outputs of run_model: 'random' pose, 'identity' pose; constant depth."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    focal = (width / 2) / np.tan(np.deg2rad(65) / 2)  # the middle of the synthetic FOV range
+    intrinsic = np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]], np.float32)
+
+    def predict(images):
+        S = images.shape[0]
+        extr = np.tile(np.eye(4)[:3], (S, 1, 1))
+        if kind == "random":
+            extr[1:, :, :3] = Rotation.random(S - 1, random_state=rng).as_matrix()
+            extr[1:, :, 3] = rng.normal(size=(S - 1, 3))
+        depth = np.ones((S, height, width, 1), np.float32)
+        u, v = np.meshgrid(np.arange(width), np.arange(height))
+        cam = np.stack([(u - width / 2) / focal, (v - height / 2) / focal, np.ones_like(u, float)], -1)
+        R, t = extr[:, :, :3], extr[:, :, 3]
+        points = np.einsum("sji,hwj->shwi", R, cam)[...] - np.einsum("sji,sj->si", R, t)[:, None, None]
+        return {"extrinsic": extr.astype(np.float32), "intrinsic": np.tile(intrinsic, (S, 1, 1)),
+                "depth": depth, "depth_conf": np.ones_like(depth[..., 0]),
+                "world_points": points.astype(np.float32), "world_points_conf": np.ones_like(depth[..., 0])}
+
+    return predict
+
+
+VAL_REPORT_KEYS = ("auc@30", "auc@15", "auc@5", "rra@30", "rta@30", "rotation_error_deg",
+                   "translation_error_deg", "abs_rel", "delta<1.25", "acc_mean", "comp_mean")
+
+
+def val_report(checkpoint: str | None, scenes: int, views: int, image_size: tuple[int, int],
+               baselines: bool = True) -> dict:
+    """synthetic-val metrics (first `scenes` scenes, `views` views at `image_size`) of a checkpoint,
+    an untrained model of the same config, and trivial baselines; all through qvggt_export.evaluate."""
+    from qvggt_export.data.readers import SyntheticReader
+    from qvggt_export.evaluate import evaluate
+    from qvggt_export.model import load_model
+
+    def run(predictor):
+        reader = SyntheticReader(num_views=views, max_scenes=scenes, image_size=image_size)
+        agg = evaluate(predictor, reader, progress=False)["aggregate"]
+        return {k: agg.get(k) for k in VAL_REPORT_KEYS}
+
+    rows = {}
+    if checkpoint != "baselines-only":
+        model = load_model(checkpoint)
+        rows["vggt-tiny" if checkpoint is None else str(checkpoint)] = run(model)
+    if baselines:
+        torch.manual_seed(0)
+        rows["untrained (same config, seed 0)"] = run(VGGT(tiny_config()).eval())
+        rows["random pose, constant depth"] = run(_baseline_predict("random", *image_size))
+        rows["identity pose, constant depth"] = run(_baseline_predict("identity", *image_size))
+    return {"scenes": scenes, "views": views, "image_size": list(image_size), "rows": rows}
+
+
 # -------------------------------------------------------------------------------------------- training
+
+def save_checkpoint(model, args, steps: int, wall_s: float, train_seeds) -> None:
+    """save_vggt (config in the metadata) plus the training provenance."""
+    model.eval()
+    meta = {"qvggt_training": json.dumps({"script": "scripts/train_tiny.py", "seed": args.seed, "steps": steps,
+                                           "train_seeds": [train_seeds[0], train_seeds[-1]],
+                                           "wall_s": round(wall_s), "args": vars(args)})}
+    save_vggt(model, args.out, extra_metadata=meta)
+    print(f"wrote {args.out} after {steps} steps", flush=True)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--stop-step", type=int, default=0,
+                   help="stop after this many steps of the --steps schedule (replays a run cut by --minutes)")
     p.add_argument("--minutes", type=float, default=0.0, help="stop after this wall time (0: no limit)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--views", type=int, default=4, help="views per training sample")
@@ -215,13 +317,21 @@ def parse_args(argv=None):
     p.add_argument("--point-weight", type=float, default=1.0)
     p.add_argument("--conf-alpha", type=float, default=0.2)
     p.add_argument("--grad-weight", type=float, default=0.0, help="gradient loss weight (0: off)")
+    p.add_argument("--dense-frames", type=int, default=0, help="views per sample that get the dense losses (0: all)")
     p.add_argument("--camera-loss", choices=("l1", "huber"), default="l1")
     p.add_argument("--config", type=str, default="{}", help="JSON overrides of the vggt-tiny config")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", type=str, default="", help="on-disk cache of rendered training scenes")
+    p.add_argument("--report", type=str, default=None, nargs="?", const="",
+                   help="only evaluate CHECKPOINT (default: the embedded vggt-tiny) and baselines on synthetic-val")
+    p.add_argument("--val-scenes", type=int, default=10)
+    p.add_argument("--no-baselines", action="store_true", help="--report: the checkpoint only")
+    p.add_argument("--prerender", type=str, default="", help="only render seeds A:B into --cache-dir")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-scenes", type=int, default=8)
     p.add_argument("--eval-views", type=int, default=10)
     p.add_argument("--out", type=str, default="")
+    p.add_argument("--save-every", type=int, default=0, help="also write --out every N steps")
     p.add_argument("--log", type=str, default="", help="JSON log file")
     return p.parse_args(argv)
 
@@ -229,6 +339,22 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.report is not None:
+        ckpt = args.report or None
+        rep = val_report(ckpt, args.val_scenes, args.eval_views, (args.height, args.width),
+                         baselines=not args.no_baselines)
+        text = json.dumps(rep, indent=1)
+        print(text, flush=True)
+        if args.log:
+            Path(args.log).write_text(text)
+        return rep
+    if args.prerender:
+        a, b = (int(x) for x in args.prerender.split(":"))
+        cache = SceneCache((args.height, args.width), args.cache_dir)
+        for seed in list(DEV_SEEDS[: args.eval_scenes]) + list(range(a, b)):
+            cache.get(seed)
+            cache.scenes.clear()
+        return {}
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     overrides = json.loads(args.config)
@@ -248,11 +374,11 @@ def main(argv=None) -> dict:
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     image_size = (args.height, args.width)
-    cache = SceneCache(image_size)
+    cache = SceneCache(image_size, args.cache_dir)
     train_seeds = list(TRAIN_SEEDS[: args.num_scenes])
     assert not set(train_seeds) & set(DEV_SEEDS)
     dev_seeds = list(DEV_SEEDS[: args.eval_scenes])
-    dev_cache = SceneCache(image_size)
+    dev_cache = SceneCache(image_size, args.cache_dir)
     log = {"args": vars(args), "config": cfg.to_dict(), "parameters": n_params, "history": [], "evals": []}
     start = time.time()
     step = 0
@@ -261,13 +387,14 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = make_batch(cache, rng, train_seeds, args.batch, args.views)
-        out = model(batch["images"])
+        out = forward_train(model, batch["images"], args.dense_frames)
+        k = out["depth"].shape[1]
         l_cam, cam_parts = camera_loss(out["pose_enc_list"], batch["pose_enc"], args.camera_loss)
-        valid = batch["valid"]
-        l_depth, depth_err = conf_regression_loss(out["depth"], out["depth_conf"], batch["depth"][..., None],
+        valid = batch["valid"][:, :k]
+        l_depth, depth_err = conf_regression_loss(out["depth"], out["depth_conf"], batch["depth"][:, :k, ..., None],
                                                   valid, args.conf_alpha, args.grad_weight)
-        l_point, point_err = conf_regression_loss(out["world_points"], out["world_points_conf"], batch["points"],
-                                                  valid, args.conf_alpha, args.grad_weight)
+        l_point, point_err = conf_regression_loss(out["world_points"], out["world_points_conf"],
+                                                  batch["points"][:, :k], valid, args.conf_alpha, args.grad_weight)
         loss = args.camera_weight * l_cam + args.depth_weight * l_depth + args.point_weight * l_point
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -282,26 +409,24 @@ def main(argv=None) -> dict:
                   f"R {running['R']:.3f} FL {running['FL']:.3f} depth {running['depth_err']:.3f} "
                   f"pts {running['point_err']:.3f} gn {running['gnorm']:.2f} lr {lr_at(step):.1e}", flush=True)
         last = step == args.steps - 1
-        timed_out = args.minutes > 0 and time.time() - start > args.minutes * 60
+        timed_out = (args.minutes > 0 and time.time() - start > args.minutes * 60) or step + 1 == args.stop_step
         if args.eval_every and (step % args.eval_every == args.eval_every - 1 or last or timed_out):
             ev = quick_eval(model, dev_cache, dev_seeds, args.eval_views)
             ev.update(step=step, time=time.time() - start)
             log["evals"].append(ev)
             print("eval", json.dumps({k: round(v, 3) for k, v in ev.items()}), flush=True)
+        if args.out and args.save_every and step % args.save_every == args.save_every - 1 and not (last or timed_out):
+            save_checkpoint(model, args, step + 1, time.time() - start, train_seeds)
+            model.train()
         if timed_out:
-            print(f"stopping at step {step}: time limit", flush=True)
+            print(f"stopping after {step + 1} steps of a {args.steps}-step schedule", flush=True)
             break
     log["steps_done"] = step + 1
     log["wall_s"] = time.time() - start
     log["train_seeds"] = [train_seeds[0], train_seeds[-1]]
     log["scenes_rendered"] = len(cache.scenes)
     if args.out:
-        model.eval()
-        meta = {"qvggt_training": json.dumps({"script": "scripts/train_tiny.py", "seed": args.seed,
-                                               "steps": step + 1, "train_seeds": log["train_seeds"],
-                                               "wall_s": round(log["wall_s"]), "args": vars(args)})}
-        save_vggt(model, args.out, extra_metadata=meta)
-        print(f"wrote {args.out}", flush=True)
+        save_checkpoint(model, args, step + 1, log["wall_s"], train_seeds)
     if args.log:
         Path(args.log).write_text(json.dumps(log, indent=1))
     return log
