@@ -119,7 +119,16 @@ def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs
             run(x)
             times.append(time.perf_counter() - start)
         latencies[s] = float(np.median(times))
-    queue.put({"latency_s": latencies, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"latency_s": latencies, "peak_rss_mb": _peak_rss_mb()})
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. ru_maxrss would not do: Linux carries it over from the parent
+    through fork + exec, so every spawned case would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs (macOS): best effort
 
 
 def bench(config: BenchConfig) -> dict:

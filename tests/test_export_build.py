@@ -120,3 +120,20 @@ def test_infer_onnx_matches_predict(tmp_path_factory, tmp_path):
         finite = value[np.isfinite(value)]  # a random model can predict fov 0: focal inf in both
         span = float(finite.max() - finite.min()) or 1.0
         np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-3 * span, err_msg=key)
+
+
+def test_compare_cli_exit_codes(tmp_path_factory, tmp_path):
+    """Exit 0 against the checkpoint the ONNX came from, 1 against another model (Polygraphy's convention)."""
+    from qvggt_export.quant.checkpoint import save_quantized
+
+    model, onnx_path = exported_tiny(tmp_path_factory)
+    quantized = save_quantized(model, tmp_path / "q.safetensors")
+    other = save_vggt(tiny_float_model(seed=5), tmp_path / "other.safetensors")
+    report = tmp_path / "compare.json"
+    code, output = _run(["compare", str(onnx_path), "--reference", "torch-quantized", "--checkpoint", str(quantized),
+                         "--scenes", "1", "--frames", "2", "--report", str(report)])
+    assert code == 0, output
+    assert json.loads(report.read_text())["passed"] is True
+    code, output = _run(["compare", str(onnx_path), "--reference", "torch", "--checkpoint", str(other),
+                         "--scenes", "1", "--frames", "2"])
+    assert code == 1 and "compare FAILED" in output
