@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
@@ -39,7 +39,6 @@ class BuildConfig:
     backend: str | None = None  # None: whichever TensorRT imports; "none": no engine
     compare_scenes: int = 2
     compare_frames: int = 4
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.precision not in ("fp16", "w8a16", "w4a16"):
