@@ -14,8 +14,10 @@ Losses (VGGT): camera loss on the pose encoding over all refinement iterations (
 translation + rotation + 0.5 * field of view, L1 or Huber; confidence-weighted depth and point losses
 conf * |err| - alpha * log(conf); optional gradient loss on depth/points.
 
-Deterministic by seed (same thread count). Example:
-    python scripts/train_tiny.py --steps 1500 --out qvggt_export/weights/vggt_tiny.safetensors
+Deterministic by seed (same thread count). The shipped checkpoint (see qvggt_export/weights/vggt_tiny.md):
+    python scripts/train_tiny.py --seed 0 --num-scenes 300 --steps 650 --threads 1 --lr 7e-4 --batch 2 \
+        --views 8 --dense-frames 4 --cache-dir /tmp/qv_cache --out qvggt_export/weights/vggt_tiny.safetensors
+synthetic-val report with trivial baselines:  python scripts/train_tiny.py --report --val-scenes 5
 """
 
 from __future__ import annotations
