@@ -197,11 +197,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     ir_model.producer_name = "qvggt-export"
     weight_bytes = sum(v.const_value.nbytes for v in ir_model.graph.initializers.values()
                        if v.const_value is not None)
-    save_onnx(lambda tmp: program.save(tmp, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD), path)
-    logger.info("exported %s (%s, %d custom nodes) in %.1f s", path, config.precision,
-                sum(n.domain == "qvggt" for n in ir_model.graph), time.perf_counter() - start)
-    if config.validate:
-        validate_export(model, path, config)
+    def write(tmp: Path) -> None:
+        program.save(tmp, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+        logger.info("exported %s (%s, %d custom nodes) in %.1f s", path, config.precision,
+                    sum(n.domain == "qvggt" for n in ir_model.graph), time.perf_counter() - start)
+        if config.validate:  # before the file takes its name: a graph that fails leaves nothing behind
+            validate_export(model, tmp, config)
+
+    save_onnx(write, path)
     return path
 
 
@@ -296,8 +299,8 @@ def validate_export(model: nn.Module, path: Path, config: ExportConfig) -> dict[
         report[f"S={frames}"] = errors
         bad = {k: v for k, v in errors.items() if not v <= tolerance[k]}
         if bad:
-            raise ExportValidationError(f"{path}: ONNX Runtime differs from PyTorch at S={frames}: " + ", ".join(
+            raise ExportValidationError(f"{path.name}: ONNX Runtime differs from PyTorch at S={frames}: " + ", ".join(
                 f"{k} {v:.2e} > {tolerance[k]:.0e}" for k, v in bad.items()))
-    logger.info("validated %s against PyTorch: worst relative error %.2e", path,
+    logger.info("validated %s against PyTorch: worst relative error %.2e", path.name,
                 max(max(e.values()) for e in report.values()))
     return report
