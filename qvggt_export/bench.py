@@ -62,7 +62,7 @@ def _prepare(config: BenchConfig) -> dict:
     work = Path(config.workdir)
     fp = load_model(config.checkpoint)
     q = load_model(config.quantized) if config.quantized else _rtn_quantized(fp)
-    size = tuple(config.image_size or (fp.config.img_size, fp.config.img_size))
+    size = tuple(config.image_size or fp.config.default_image_size)
     fp_ckpt, q_ckpt = work / "fp32.safetensors", work / "w4a16.safetensors"
     save_vggt(fp, fp_ckpt)
     save_quantized(q, q_ckpt)

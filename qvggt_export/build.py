@@ -31,7 +31,7 @@ class BuildConfig:
     calib: str = "synthetic"
     calib_scenes: int = 4
     calib_frames: int = 4
-    image_size: tuple[int, int] | None = None  # None: the model's img_size, square
+    image_size: tuple[int, int] | None = None  # None: the model's native size
     min_frames: int = 1
     opt_frames: int = 4
     max_frames: int = 32
@@ -134,7 +134,7 @@ def build(config: BuildConfig) -> dict:
     else:
         model_source, model_sha = source, source_sha
     deployed = load_model(str(model_source))
-    image_size = config.image_size or (deployed.config.img_size, deployed.config.img_size)
+    image_size = config.image_size or deployed.config.default_image_size
     export_config = ExportConfig(precision=config.precision, image_size=tuple(image_size),
                                  min_frames=config.min_frames, opt_frames=config.opt_frames,
                                  max_frames=config.max_frames)

@@ -78,7 +78,7 @@ def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size:
         raise InputError(f"output must be an .npz file, got {out}")
     seed = parse_scene(spec)
     model = _load(checkpoint, device)
-    size = parse_image_size(image_size) if image_size else (model.config.img_size, model.config.img_size)
+    size = parse_image_size(image_size) if image_size else model.config.default_image_size
     scene = render_scene(seed, views, size).in_first_camera_frame()
     preds = _run(model, torch.from_numpy(scene.images), device)
     metrics = scene_metrics(preds, scene)

@@ -22,7 +22,7 @@ from qvggt_export.geometry import pose_encoding_to_extri_intri
 from qvggt_export.log import setup_logging
 from qvggt_export.metrics import camera_pose_metrics, depth_metrics, pointmap_metrics
 from qvggt_export.model.loading import load_model
-from qvggt_export.quant.calib import default_image_size, load_calibration
+from qvggt_export.quant.calib import load_calibration
 from qvggt_export.quant.calibrate import calibrate
 from qvggt_export.quant.quantizer import QuantConfig, quantize_model, weight_bytes
 
@@ -85,7 +85,7 @@ def main() -> None:
         model = VGGT(tiny_config()).eval()
     else:
         model = load_model(args.checkpoint)
-    size = tuple(int(v) for v in args.size.split("x")) if args.size else default_image_size(model)
+    size = tuple(int(v) for v in args.size.split("x")) if args.size else model.config.default_image_size
     scenes = [render_scene(seed, args.views, size).in_first_camera_frame()
               for seed in SYNTHETIC_VAL.seeds[: args.scenes]]
     calib = load_calibration("synthetic", model, args.calib_scenes, args.calib_frames, size)

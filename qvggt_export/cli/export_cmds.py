@@ -17,7 +17,7 @@ def _frame_options(fn):
     fn = click.option("--opt-frames", default=4, show_default=True, help="Views the engine is tuned for.")(fn)
     fn = click.option("--min-frames", default=1, show_default=True, help="Smallest number of views.")(fn)
     fn = click.option("--image-size", default=None, metavar="HxW",
-                      help="Fixed input size (default: the model's img_size, square; 518x518 for VGGT-1B).")(fn)
+                      help="Fixed input size (default: the model's native size; 518x518 for VGGT-1B).")(fn)
     return fn
 
 
@@ -25,7 +25,7 @@ def _export_config(model, precision, image_size, min_frames, opt_frames, max_fra
                    validate=True):
     from ..export.spec import ExportConfig, parse_image_size
 
-    size = parse_image_size(image_size) if image_size else (model.config.img_size, model.config.img_size)
+    size = parse_image_size(image_size) if image_size else model.config.default_image_size
     return ExportConfig(precision=precision, image_size=size, min_frames=min_frames, opt_frames=opt_frames,
                         max_frames=max_frames, activations=activations, validate=validate)
 
@@ -226,7 +226,7 @@ def infer_cmd(model, images, out, mode, plugin_library):
 @click.option("--quantized", "-q", default=None, type=click.Path(),
               help="Its W4A16 checkpoint (default: RTN-quantize the checkpoint here).")
 @click.option("--frames", default="1,2,8", show_default=True, help="Numbers of views.")
-@click.option("--image-size", default=None, metavar="HxW", help="Default: the model's img_size, square.")
+@click.option("--image-size", default=None, metavar="HxW", help="Default: the model's native size.")
 @click.option("--runs", default=3, show_default=True, help="Timed runs per case (after one warm-up).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--workdir", default="engines/bench", show_default=True, type=click.Path(),

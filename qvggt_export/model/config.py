@@ -37,6 +37,8 @@ class VGGTConfig:
     intermediate_layer_idx: tuple[int, ...] = (4, 11, 17, 23)
     # Released checkpoints carry track-head weights; they are loaded and saved but never run.
     carry_track_head: bool = True
+    # (H, W) the model is meant to run at (trained at / exported at); empty: square img_size.
+    image_size: tuple[int, ...] = ()
 
     def __init__(self, **kwargs):
         # Accept config dicts that carry keys we do not use (e.g. a fixture's notes).
@@ -46,6 +48,7 @@ class VGGTConfig:
             setattr(self, f.name, kwargs.get(f.name, default))
         self.dpt_out_channels = tuple(self.dpt_out_channels)
         self.intermediate_layer_idx = tuple(self.intermediate_layer_idx)
+        self.image_size = tuple(self.image_size)
         self.ignored_keys = sorted(set(kwargs) - known)
         self.validate()
 
@@ -58,12 +61,19 @@ class VGGTConfig:
             raise ValueError("the DPT heads read exactly 4 intermediate layers")
         if max(self.intermediate_layer_idx) >= self.depth:
             raise ValueError(f"intermediate_layer_idx {self.intermediate_layer_idx} out of range for depth {self.depth}")
+        if self.image_size and (len(self.image_size) != 2 or any(v % self.patch_size for v in self.image_size)):
+            raise ValueError(f"image_size must be (H, W) in multiples of {self.patch_size}, got {self.image_size}")
         if self.patch_embed != "conv" and self.patch_embed != "dinov2" and self.patch_embed not in DINOV2_PRESETS:
             raise ValueError(f"unknown patch_embed {self.patch_embed!r}")
 
     @property
     def dinov2_shape(self) -> tuple[int, int]:
         return DINOV2_PRESETS.get(self.patch_embed, (self.dinov2_depth, self.dinov2_num_heads))
+
+    @property
+    def default_image_size(self) -> tuple[int, int]:
+        """(H, W) every command uses when none is given: the model's native input size."""
+        return tuple(self.image_size) if self.image_size else (self.img_size, self.img_size)
 
     @property
     def kept_layers(self) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ TINY_CONFIG = dict(
     dpt_out_channels=(16, 32, 64, 64),
     intermediate_layer_idx=(1, 3, 5, 7),
     carry_track_head=False,
+    image_size=(84, 112),  # the only size it was trained at
 )
 
 PRESETS = {"vggt-tiny": TINY_CONFIG}

@@ -60,13 +60,6 @@ class CalibrationSet:
                 "ground_truth": self.has_ground_truth, "fingerprint": self.fingerprint(), **self.settings}
 
 
-def default_image_size(model) -> tuple[int, int]:
-    """(H, W) for synthetic calibration: the model's training width at a 4:3 landscape shape."""
-    p = model.config.patch_size
-    width = model.config.img_size // p * p
-    return max(p, round(width * 0.75 / p) * p), width
-
-
 def _check_counts(scenes: int, frames: int) -> None:
     if scenes < 1:
         raise InputError(f"--calib-scenes must be at least 1, got {scenes}")
@@ -129,5 +122,5 @@ def load_calibration(source: str, model, num_scenes: int = 8, num_frames: int = 
                      image_size: tuple[int, int] | None = None) -> CalibrationSet:
     """`source` is "synthetic" or a folder of image folders."""
     if source == "synthetic":
-        return synthetic_calibration(num_scenes, num_frames, image_size or default_image_size(model))
+        return synthetic_calibration(num_scenes, num_frames, image_size or model.config.default_image_size)
     return folder_calibration(Path(source), num_scenes, num_frames, image_size)
