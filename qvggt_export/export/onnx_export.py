@@ -70,13 +70,6 @@ class _GraphModule(nn.Module):
         return tuple(preds[name].float() for name in spec.OUTPUT_NAMES)
 
 
-def _first_and_rest_indexed(token: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-    # Same values as the eager version, but `expand(..., frames - 1, ...)` of a size-1 dim makes
-    # torch.export guard on frames - 1 == 1 and specialise the frame count; an index_select does not.
-    index = (torch.arange(frames, device=token.device) > 0).long()
-    return token.index_select(1, index).expand(batch, -1, *token.shape[2:]).reshape(batch * frames, *token.shape[2:])
-
-
 def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
     from .custom_op import w4a16_matmul
 
@@ -89,15 +82,11 @@ def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def export_patches(model: nn.Module) -> Iterator[None]:
-    """QuantLinear -> the custom op (with its weight as INT8), and the frame-count-agnostic token
-    expansion; all undone on exit."""
+    """QuantLinear -> the custom op (with its weight as INT8); undone on exit."""
     from .. import arch
-    from ..model import aggregator as aggregator_module
 
     patched = []
-    original_first_and_rest = aggregator_module.first_and_rest
     try:
-        aggregator_module.first_and_rest = _first_and_rest_indexed
         for name, module in quant_linears(model).items():
             weight = module.qweight.view(torch.int8) if module.bits == 4 else module.qweight
             module.register_buffer("onnx_weight", weight.clone(), persistent=False)
@@ -110,7 +99,6 @@ def export_patches(model: nn.Module) -> Iterator[None]:
             patched.append(module)
         yield
     finally:
-        aggregator_module.first_and_rest = original_first_and_rest
         for module in patched:
             del module.forward, module.export_name, module.export_block
             del module._buffers["onnx_weight"]

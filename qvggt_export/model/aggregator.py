@@ -15,9 +15,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def first_and_rest(token: Tensor, batch: int, frames: int) -> Tensor:
     """[1, 2, X, C] -> [B*S, X, C]: entry 0 for the first frame of each batch item, entry 1 for the rest."""
-    first = token[:, 0:1].expand(batch, 1, *token.shape[2:])
-    rest = token[:, 1:2].expand(batch, frames - 1, *token.shape[2:])
-    return torch.cat([first, rest], dim=1).reshape(batch * frames, *token.shape[2:])
+    # An index rather than expand(frames - 1) of a size-1 dim: the latter makes torch.export
+    # specialise the frame count, so the ONNX graph would lose its dynamic S.
+    index = (torch.arange(frames, device=token.device) > 0).long()
+    return token.index_select(1, index).expand(batch, -1, *token.shape[2:]).reshape(batch * frames, *token.shape[2:])
 
 
 class Aggregator(nn.Module):
