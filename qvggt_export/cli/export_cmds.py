@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import main
-from .model_cmds import CHECKPOINT_HELP
+from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES
 
 
 def _frame_options(fn):
@@ -174,7 +174,7 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 
 @main.command("build")
 @click.option("--precision", type=click.Choice(["fp16", "w8a16", "w4a16"]), default="w4a16", show_default=True)
-@click.option("--checkpoint", "-c", default=None, help="Full-precision " + CHECKPOINT_HELP[0].lower() + CHECKPOINT_HELP[1:])
+@click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint: " + CHECKPOINT_SOURCES)
 @click.option("--calib", default="synthetic", show_default=True,
               help="'synthetic' or a folder of image folders (one per scene).")
 @click.option("--calib-scenes", default=4, show_default=True)
@@ -221,7 +221,7 @@ def infer_cmd(model, images, out, mode, plugin_library):
 
 
 @main.command("bench")
-@click.option("--checkpoint", "-c", default=None, help="Full-precision " + CHECKPOINT_HELP[0].lower() + CHECKPOINT_HELP[1:])
+@click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint: " + CHECKPOINT_SOURCES)
 @click.option("--quantized", "-q", default=None, type=click.Path(),
               help="Its W4A16 checkpoint (default: RTN-quantize the checkpoint here).")
 @click.option("--frames", default="1,2,8", show_default=True, help="Numbers of views.")

@@ -6,8 +6,9 @@ import click
 
 from . import main
 
-CHECKPOINT_HELP = ("Checkpoint (full precision or quantized): .safetensors/.pt file, a folder holding one, an "
-                   "embedded name (vggt-tiny) or a hub id. Default: the embedded vggt-tiny model.")
+CHECKPOINT_SOURCES = (".safetensors/.pt file, a folder holding one, an embedded name (vggt-tiny) or a hub id. "
+                      "Default: the embedded vggt-tiny model.")
+CHECKPOINT_HELP = "Checkpoint (full precision or quantized): " + CHECKPOINT_SOURCES
 
 
 @main.command()
