@@ -160,13 +160,10 @@ def build(config: BuildConfig) -> dict:
 
 
 def _quantize(model_fp, config: BuildConfig, calib_dir: Path, qpath: Path) -> None:
-    import torch
-
     from .quant.calib import load_calibration
     from .quant.checkpoint import save_quantized
     from .quant.quantizer import QuantConfig, quantize_model
 
-    torch.set_grad_enabled(False)
     calib = load_calibration(config.calib, model_fp, config.calib_scenes, config.calib_frames)
     qconfig = QuantConfig(method=config.method, plan=config.plan, precision=config.precision)
     save_quantized(quantize_model(model_fp, calib, qconfig, calib_dir=calib_dir), qpath)

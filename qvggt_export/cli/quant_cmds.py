@@ -33,8 +33,6 @@ def calibration_options(fn):
 
 
 def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
-    import torch
-
     from ..errors import CheckpointError
     from ..model.loading import load_model
     from ..quant.calib import load_calibration
@@ -42,7 +40,6 @@ def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
     model = load_model(checkpoint)
     if getattr(model, "quant_plan", None) is not None:
         raise CheckpointError("the checkpoint is already quantized; give the full-precision one")
-    torch.set_grad_enabled(False)
     calib = load_calibration(calib_source, model, calib_scenes, calib_frames, _parse_size(calib_size))
     return model, calib
 

@@ -118,6 +118,7 @@ def folder_calibration(root: Path, num_scenes: int, num_frames: int,
                                              "image_size": None if image_size is None else list(image_size)})
 
 
+@torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def load_calibration(source: str, model, num_scenes: int = 8, num_frames: int = 4,
                      image_size: tuple[int, int] | None = None) -> CalibrationSet:
     """`source` is "synthetic" or a folder of image folders."""

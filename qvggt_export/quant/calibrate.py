@@ -47,6 +47,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return sha256_json({"config": getattr(model, "config", None).to_dict(), "tensors": parts})
 
 
+@torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | None = None,
               samples_per_linear: int = 256, sensitivity: bool = True, bits: int = 4) -> Calibration:
     """Runs (or reuses from `out_dir`) the statistics and sensitivity analysis of `model` on `calib`."""

@@ -188,6 +188,7 @@ class _Quantizer:
                                                                       scales=self.qscales[name]))
 
 
+@torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConfig | None = None,
                    calibration: Calibration | None = None, calib_dir: str | Path | None = None) -> nn.Module:
     """Full-precision VGGT -> quantized copy (QuantLinear modules; `quant_plan` and `quant_info` set)."""
