@@ -25,22 +25,16 @@ VIRTUAL_TRACKS = 64
 HEADS = 8
 
 
-class _AttnBlock(nn.Module):
-    def __init__(self) -> None:
+class _TrackerBlock(nn.Module):
+    """Self-attention block, or with `cross` the cross-attention block (extra context norm)."""
+
+    def __init__(self, cross: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(HIDDEN)
+        if cross:
+            self.norm_context = nn.LayerNorm(HIDDEN)
         self.norm2 = nn.LayerNorm(HIDDEN)
-        self.attn = nn.MultiheadAttention(HIDDEN, HEADS, batch_first=True)
-        self.mlp = Mlp(HIDDEN, HIDDEN * 4)
-
-
-class _CrossAttnBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(HIDDEN)
-        self.norm_context = nn.LayerNorm(HIDDEN)
-        self.norm2 = nn.LayerNorm(HIDDEN)
-        self.cross_attn = nn.MultiheadAttention(HIDDEN, HEADS, batch_first=True)
+        setattr(self, "cross_attn" if cross else "attn", nn.MultiheadAttention(HIDDEN, HEADS, batch_first=True))
         self.mlp = Mlp(HIDDEN, HIDDEN * 4)
 
 
@@ -52,10 +46,10 @@ class _UpdateFormer(nn.Module):
         self.input_transform = nn.Linear(INPUT_DIM, HIDDEN)
         self.output_norm = nn.LayerNorm(HIDDEN)
         self.flow_head = nn.Linear(HIDDEN, FLOW_DIM)
-        self.time_blocks = nn.ModuleList([_AttnBlock() for _ in range(DEPTH)])
-        self.space_virtual_blocks = nn.ModuleList([_AttnBlock() for _ in range(DEPTH)])
-        self.space_point2virtual_blocks = nn.ModuleList([_CrossAttnBlock() for _ in range(DEPTH)])
-        self.space_virtual2point_blocks = nn.ModuleList([_CrossAttnBlock() for _ in range(DEPTH)])
+        self.time_blocks = nn.ModuleList([_TrackerBlock() for _ in range(DEPTH)])
+        self.space_virtual_blocks = nn.ModuleList([_TrackerBlock() for _ in range(DEPTH)])
+        self.space_point2virtual_blocks = nn.ModuleList([_TrackerBlock(cross=True) for _ in range(DEPTH)])
+        self.space_virtual2point_blocks = nn.ModuleList([_TrackerBlock(cross=True) for _ in range(DEPTH)])
 
 
 class _Tracker(nn.Module):
