@@ -18,7 +18,7 @@ POSE_ENCODING_TYPE = "absT_quaR_FoV"
 
 def _check_encoding_type(pose_encoding_type: str) -> None:
     if pose_encoding_type != POSE_ENCODING_TYPE:
-        raise NotImplementedError(f"pose encoding {pose_encoding_type!r} (only {POSE_ENCODING_TYPE!r})")
+        raise ValueError(f"unsupported pose encoding {pose_encoding_type!r} (only {POSE_ENCODING_TYPE!r})")
 
 
 def quat_to_mat(quaternions: torch.Tensor) -> torch.Tensor:
