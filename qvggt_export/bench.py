@@ -32,6 +32,7 @@ class BenchConfig:
     runs: int = 3
     threads: int | None = None
     workdir: str = "engines/bench"
+    device: str = "cpu"  # PyTorch cases only; on cuda W4A16 runs the CUDA kernel (ONNX Runtime stays on the CPU)
 
 
 def _rtn_quantized(model):
@@ -84,7 +85,8 @@ def _prepare(config: BenchConfig) -> dict:
     return {"paths": paths, "image_size": list(size)}
 
 
-def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs: int, threads, queue) -> None:
+def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs: int, threads, device: str,
+             queue) -> None:
     """Child process: one case at every frame count; reports latencies and its peak RSS."""
     import torch
 
@@ -97,11 +99,14 @@ def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs
         from .export.onnx_export import _GraphModule
         from .model import load_model
 
-        module = _GraphModule(load_model(paths[precision]["checkpoint"]), torch.float32).eval()
+        module = _GraphModule(load_model(paths[precision]["checkpoint"], device), torch.float32).eval()
+        on_gpu = torch.device(device).type == "cuda"
 
         def run(x):
             with torch.no_grad():
-                module(torch.from_numpy(x))
+                module(torch.from_numpy(x).to(device))
+            if on_gpu:
+                torch.cuda.synchronize(device)
     else:
         from .export.runtime import ort_session
 
@@ -119,7 +124,10 @@ def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs
             run(x)
             times.append(time.perf_counter() - start)
         latencies[s] = float(np.median(times))
-    queue.put({"latency_s": latencies, "peak_rss_mb": _peak_rss_mb()})
+    result = {"latency_s": latencies, "peak_rss_mb": _peak_rss_mb()}
+    if runtime == "pytorch" and torch.device(device).type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    queue.put(result)
 
 
 def _peak_rss_mb() -> float:
@@ -138,7 +146,8 @@ def bench(config: BenchConfig) -> dict:
     for runtime, precision in CASES:
         queue = ctx.Queue()
         proc = ctx.Process(target=_measure, args=(runtime, precision, prepared["paths"], config.frames,
-                                                  prepared["image_size"], config.runs, config.threads, queue))
+                                                  prepared["image_size"], config.runs, config.threads, config.device,
+                                                  queue))
         proc.start()
         result = queue.get()
         proc.join()

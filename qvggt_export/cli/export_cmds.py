@@ -231,7 +231,9 @@ def infer_cmd(model, images, out, mode, plugin_library):
 @click.option("--workdir", default="engines/bench", show_default=True, type=click.Path(),
               help="Where the ONNX files of the benchmark go (reused when up to date).")
 @click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
-def bench_cmd(checkpoint, quantized, frames, image_size, runs, threads, workdir, report):
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda for the PyTorch cases (cuda: W4A16 through the CUDA kernel).")
+def bench_cmd(checkpoint, quantized, frames, image_size, runs, threads, workdir, report, device):
     """Latency and peak memory of PyTorch and ONNX Runtime, fp32 vs w4a16, printed as ratios."""
     from ..bench import BenchConfig, bench, format_table
     from ..export.spec import parse_image_size
@@ -240,7 +242,7 @@ def bench_cmd(checkpoint, quantized, frames, image_size, runs, threads, workdir,
     result = bench(BenchConfig(checkpoint=checkpoint, quantized=quantized,
                                frames=tuple(int(f) for f in frames.split(",")),
                                image_size=parse_image_size(image_size) if image_size else None, runs=runs,
-                               threads=threads, workdir=workdir))
+                               threads=threads, workdir=workdir, device=device))
     for line in format_table(result):
         click.echo(line)
     if report:

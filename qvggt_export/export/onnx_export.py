@@ -162,15 +162,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     dtype = torch.float16 if config.dtype == "fp16" else torch.float32
     graph_model = _fp16_copy(model) if dtype == torch.float16 else model
     h, w = config.image_size
-    # Trace with 2 frames: 1 would let torch.export specialise the frame axis to a constant.
-    example = torch.rand(1, max(2, config.min_frames), 3, h, w)
-    frames = torch.export.Dim(spec.FRAME_DIM, min=config.min_frames, max=config.max_frames)
+    fixed_frames = config.min_frames == config.max_frames
+    # Trace a dynamic frame axis with >= 2 frames: 1 would let torch.export specialise it to a constant.
+    example = torch.rand(1, config.min_frames if fixed_frames else max(2, config.min_frames), 3, h, w)
+    dynamic_shapes = None if fixed_frames else {"images": {spec.FRAME_AXIS: torch.export.Dim(
+        spec.FRAME_DIM, min=config.min_frames, max=config.max_frames)}}
     start = time.perf_counter()
     with export_patches(graph_model), torch.no_grad():
         program = torch.onnx.export(
             _GraphModule(graph_model, dtype).eval(), (example,), None, dynamo=True, opset_version=spec.OPSET,
             input_names=[spec.INPUT_NAME], output_names=list(spec.OUTPUT_NAMES),
-            dynamic_shapes={"images": {spec.FRAME_AXIS: frames}},
+            dynamic_shapes=dynamic_shapes,
             custom_translation_table=_translation(), optimize=True, verbose=False)
     ir_model = program.model
     calls: dict[str, int] = {}
