@@ -74,7 +74,7 @@ def test_gpu_check_dry_runs_without_cuda(kernel_cache, monkeypatch, capfd):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: gpu_check.py measures instead of dry-running")
+        pytest.skip(reason="a GPU is present: gpu_check.py measures instead of dry-running")
     spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

@@ -87,7 +87,7 @@ def test_missing_tensorrt_is_one_line(tmp_path_factory):
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("standard TensorRT is installed here")
+        pytest.skip(reason="standard TensorRT is installed here")
     _, onnx_path = exported_tiny(tmp_path_factory)
     code, output = _run(["engine", str(onnx_path), "--backend", "tensorrt"])
     assert code == 2 and "standard TensorRT is not installed" in output

@@ -6,7 +6,7 @@ On-disk layouts read (the ones the datasets ship with; see each reader):
             images at ROOT/<image.path>; PyTorch3D cameras converted to OpenCV.
 - re10k:    RealEstate10K camera files ROOT/[metadata/]test/<seq>.txt (or ROOT/<seq>.txt), frames in
             ROOT/<seq>/images/ named by line index (0000.png) or by timestamp.
-- 7scenes:  ROOT/<scene>/seq-XX/frame-XXXXXX.{color.png, depth[.proj].png, pose.txt}, TestSplit.txt.
+- 7scenes:  ROOT/<scene>/seq-NN/frame-NNNNNN.{color.png, depth[.proj].png, pose.txt}, TestSplit.txt.
 - nrgbd:    ROOT/<scene>/images/imgN.png, depth/depthN.png, poses.txt (4x4 camera-to-world, OpenGL).
 
 Frame selection follows ../shared/METRICS.md: pose datasets (and folders) draw `frames` frames per
@@ -449,7 +449,7 @@ def read_seven_scenes(root, selector: _FrameSelector, stride: int = KEYFRAME_STR
                 frames.append(_Frame(colors[i], world_to_camera, SEVEN_SCENES_INTRINSIC, depth))
             sources.append(_SequenceSource(name, scene.name, frames, _seven_scenes_depth))
     if not sources and not selector.skipped:
-        raise InputError(f"no 7-Scenes sequences (<scene>/seq-XX/frame-XXXXXX.color.png) under {root}")
+        raise InputError(f"no 7-Scenes sequences (<scene>/seq-NN/frame-NNNNNN.color.png) under {root}")
     return sources
 
 
