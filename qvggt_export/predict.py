@@ -59,13 +59,6 @@ def parse_scene(spec: str) -> int:
     return int(seed)
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
-    height, _, width = text.lower().partition("x")
-    if not (height.isdigit() and width.isdigit()):
-        raise InputError(f"image size must look like HxW (e.g. 518x518), got {text!r}")
-    return int(height), int(width)
-
-
 def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size: str | None,
                       out: str | Path, device: str = "cpu") -> list[str]:
     """Predicts a rendered scene, saves predictions and ground truth, returns a short error report."""
@@ -73,6 +66,7 @@ def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size:
 
     from .data.synthetic import render_scene
     from .evaluate import scene_metrics
+    from .export.spec import parse_image_size
 
     if Path(out).suffix != ".npz":
         raise InputError(f"output must be an .npz file, got {out}")

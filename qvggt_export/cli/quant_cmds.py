@@ -9,21 +9,9 @@ import click
 from . import main
 
 
-def _parse_size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    from ..errors import InputError
-
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--calib-size must look like HxW (e.g. 84x112), got {text!r}") from None
-    return h, w
-
-
 def calibration_options(fn):
     fn = click.option("--calib-size", default=None, metavar="HxW",
-                      help="Image size of calibration views (default: the model's training width, 4:3).")(fn)
+                      help="Image size of calibration views (default: the model's native size).")(fn)
     fn = click.option("--calib-frames", default=4, show_default=True, help="Views per calibration scene.")(fn)
     fn = click.option("--calib-scenes", default=8, show_default=True, help="Number of calibration scenes.")(fn)
     fn = click.option("--calib", "calib_source", default="synthetic", show_default=True,
@@ -34,13 +22,15 @@ def calibration_options(fn):
 
 def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
     from ..errors import CheckpointError
+    from ..export.spec import parse_image_size
     from ..model.loading import load_model
     from ..quant.calib import load_calibration
 
     model = load_model(checkpoint)
     if getattr(model, "quant_plan", None) is not None:
         raise CheckpointError("the checkpoint is already quantized; give the full-precision one")
-    calib = load_calibration(calib_source, model, calib_scenes, calib_frames, _parse_size(calib_size))
+    size = parse_image_size(calib_size) if calib_size else None
+    calib = load_calibration(calib_source, model, calib_scenes, calib_frames, size)
     return model, calib
 
 
