@@ -160,7 +160,7 @@ def build(config: BuildConfig) -> dict:
 
 
 def _quantize(model_fp, config: BuildConfig, calib_dir: Path, qpath: Path) -> None:
-    from .quant.calib import load_calibration
+    from .quant.calibration_set import load_calibration
     from .quant.checkpoint import save_quantized
     from .quant.quantizer import QuantConfig, quantize_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qvggt_export.model import VGGT, VGGTConfig
-from qvggt_export.quant.calib import CalibrationSet, CalibScene, synthetic_calibration
+from qvggt_export.quant.calibration_set import CalibrationSet, CalibScene, synthetic_calibration
 
 # The CPUs here are shared by several jobs; one thread avoids oversubscription stalls (30x slower).
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import torch
 
 from quant_helpers import random_calibration, small_model
 from qvggt_export import arch
-from qvggt_export.quant.calibrate import calibrate
+from qvggt_export.quant.calibration_run import calibrate
 from qvggt_export.quant.plan import auto_plan
 
 FRAGILE = "aggregator.global_blocks.1"

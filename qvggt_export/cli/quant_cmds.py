@@ -24,7 +24,7 @@ def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
     from ..errors import CheckpointError
     from ..export.spec import parse_image_size
     from ..model.loading import load_model
-    from ..quant.calib import load_calibration
+    from ..quant.calibration_set import load_calibration
 
     model = load_model(checkpoint)
     if getattr(model, "quant_plan", None) is not None:
@@ -41,7 +41,7 @@ def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-block sensitivity analysis.")
 def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_dir, samples, no_sensitivity):
     """Activation statistics, camera tokens and the per-block sensitivity report (cached, resumable)."""
-    from ..quant.calibrate import calibrate as run_calibrate
+    from ..quant.calibration_run import calibrate as run_calibrate
 
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
     result = run_calibrate(model, calib, out_dir, samples, sensitivity=not no_sensitivity)

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import QVGGTError
 from ..geometry import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri
 from ..geometry import unproject_depth_map_to_point_map
-from .calib import CalibrationSet
+from .calibration_set import CalibrationSet
 
 LOSS_WEIGHTS = {"cam": 1.0, "depth": 0.1, "point": 0.1, "geo": 1.0}
 HUBER_DELTA = 0.1

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from .. import arch
 from ..errors import InputError
 from ..log import logger
-from .calib import CalibrationSet
-from .calibrate import Calibration, calibrate
+from .calibration_set import CalibrationSet
+from .calibration_run import Calibration, calibrate
 from .cic import DEFAULT_COMPONENTS, cic_token
 from .gptq import gptq_quantize
 from .linear import QuantLinear

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import arch
 from ..io import write_json
 from ..log import logger
-from .calib import CalibrationSet
+from .calibration_set import CalibrationSet
 from .objective import Targets, fidelity, predict, task_loss
 from .scale import fake_quantize_with_scales, restore, snapshot
 

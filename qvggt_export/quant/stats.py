@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import arch
 from ..errors import QVGGTError
-from .calib import CalibrationSet
+from .calibration_set import CalibrationSet
 
 STAT_FIELDS = ("absmean_image", "absmean_all", "absmax", "samples_image", "samples_all")
 

@@ -20,7 +20,7 @@ from torch import nn
 from .. import __version__
 from ..io import atomic_output, sha256_json, write_json
 from ..log import logger
-from .calib import CalibrationSet
+from .calibration_set import CalibrationSet
 from .objective import check_finite, make_targets, predict
 from .sensitivity import save_figure, sensitivity_analysis
 from .stats import ActivationStats, collect_stats
