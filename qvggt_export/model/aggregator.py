@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -63,20 +65,49 @@ class Aggregator(nn.Module):
         return RotaryTables.for_frame(H // self.patch_size, W // self.patch_size, self.patch_start_idx,
                                       self.head_dim, self.rope_freq, device, dtype)
 
-    def forward(self, images: Tensor) -> dict[int, Tensor]:
-        """Returns {block index: frame||global tokens [B, S, P, 2C]} for the blocks the heads read."""
+    def begin(self, images: Tensor) -> "AggregatorState":
+        """The state entering block 0: embedded tokens plus what every block needs (RoPE tables, shape)."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
         B, S, _, H, W = images.shape
         tokens = self.embed(images)
-        _, P, C = tokens.shape
         frame_rope = self.rope_tables(H, W, tokens.device, tokens.dtype)
         global_rope = frame_rope.repeat(S) if frame_rope is not None else None
-        kept = {}
-        for i, (frame_block, global_block) in enumerate(zip(self.frame_blocks, self.global_blocks)):
-            tokens = frame_block(tokens.reshape(B * S, P, C), rope=frame_rope)
-            frame_out = tokens
-            tokens = global_block(tokens.reshape(B, S * P, C), rope=global_rope)
-            if i in self.kept_layers:
-                kept[i] = torch.cat([frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)], dim=-1)
-        return kept
+        return AggregatorState(tokens, None, {}, B, S, frame_rope, global_rope)
+
+    def run_frame_block(self, index: int, state: "AggregatorState") -> "AggregatorState":
+        _, P, C = state.tokens.shape
+        tokens = self.frame_blocks[index](state.tokens.reshape(state.batch * state.frames, P, C), rope=state.frame_rope)
+        return AggregatorState(tokens, tokens, state.kept, state.batch, state.frames, state.frame_rope,
+                               state.global_rope)
+
+    def run_global_block(self, index: int, state: "AggregatorState") -> "AggregatorState":
+        B, S = state.batch, state.frames
+        _, P, C = state.frame_out.shape
+        tokens = self.global_blocks[index](state.tokens.reshape(B, S * P, C), rope=state.global_rope)
+        kept = dict(state.kept)
+        if index in self.kept_layers:
+            kept[index] = torch.cat([state.frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)], dim=-1)
+        return AggregatorState(tokens.reshape(B * S, P, C), None, kept, B, S, state.frame_rope, state.global_rope)
+
+    def forward(self, images: Tensor) -> dict[int, Tensor]:
+        """Returns {block index: frame||global tokens [B, S, P, 2C]} for the blocks the heads read."""
+        state = self.begin(images)
+        for i in range(len(self.frame_blocks)):
+            state = self.run_global_block(i, self.run_frame_block(i, state))
+        return state.kept
+
+
+@dataclass
+class AggregatorState:
+    """What flows between aggregator blocks: the tokens entering the next block [B*S, P, C], the last
+    frame block's output (a global block concatenates it with its own into a kept layer), the kept
+    layers so far, and the per-forward constants. The quantizer's block cache holds one per scene."""
+
+    tokens: Tensor
+    frame_out: Tensor | None
+    kept: dict[int, Tensor]
+    batch: int
+    frames: int
+    frame_rope: RotaryTables | None
+    global_rope: RotaryTables | None

@@ -174,9 +174,18 @@ class DPTHead(nn.Module):
                 nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, output_dim, 1)
             )
 
-    def forward(self, layers: dict[int, Tensor], H: int, W: int, patch_start_idx: int) -> tuple[Tensor, Tensor]:
-        """layers: {block index: [B, S, P, C]} -> (values [B, S, H, W, D-1], conf [B, S, H, W])."""
-        B, S = layers[self.intermediate_layer_idx[0]].shape[:2]
+    def forward(self, layers: dict[int, Tensor], H: int, W: int, patch_start_idx: int,
+                frames_chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """layers: {block index: [B, S, P, C]} -> (values [B, S, H, W, D-1], conf [B, S, H, W]).
+
+        `frames_chunk_size` bounds memory by running that many frames at a time (frames are independent
+        here); None runs all at once (the traced/exported form: a loop over a dynamic S does not export)."""
+        S = layers[self.intermediate_layer_idx[0]].shape[1]
+        if frames_chunk_size is not None and S > frames_chunk_size:
+            chunks = [self.forward({i: layers[i][:, s:s + frames_chunk_size] for i in self.intermediate_layer_idx},
+                                   H, W, patch_start_idx) for s in range(0, S, frames_chunk_size)]
+            return torch.cat([c[0] for c in chunks], dim=1), torch.cat([c[1] for c in chunks], dim=1)
+        B = layers[self.intermediate_layer_idx[0]].shape[0]
         gh, gw = H // self.patch_size, W // self.patch_size
         aspect = W / H
         feats = []

@@ -40,18 +40,21 @@ class VGGT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         layers = self.aggregator(images)
-        start = self.aggregator.patch_start_idx
+        return {**self.predict_camera(layers), **self.predict_dense(layers, H, W)}
+
+    def predict_camera(self, layers: dict[int, Tensor]) -> dict[str, Tensor | list[Tensor]]:
+        """The camera head on the aggregator's kept layers."""
         pose_enc_list = self.camera_head(layers[self.config.depth - 1])
-        depth, depth_conf = self.depth_head(layers, H, W, start)
-        points, points_conf = self.point_head(layers, H, W, start)
-        return {
-            "pose_enc": pose_enc_list[-1],
-            "pose_enc_list": pose_enc_list,
-            "depth": depth,
-            "depth_conf": depth_conf,
-            "world_points": points,
-            "world_points_conf": points_conf,
-        }
+        return {"pose_enc": pose_enc_list[-1], "pose_enc_list": pose_enc_list}
+
+    def predict_dense(self, layers: dict[int, Tensor], H: int, W: int,
+                      frames_chunk_size: int | None = None) -> dict[str, Tensor]:
+        """The depth and point heads; `frames_chunk_size` runs them on that many frames at a time (the
+        released code's memory bound; the heads treat frames independently)."""
+        start = self.aggregator.patch_start_idx
+        depth, depth_conf = self.depth_head(layers, H, W, start, frames_chunk_size)
+        points, points_conf = self.point_head(layers, H, W, start, frames_chunk_size)
+        return {"depth": depth, "depth_conf": depth_conf, "world_points": points, "world_points_conf": points_conf}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Released key names. Track-head weights are never an error: kept when this model carries
