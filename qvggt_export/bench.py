@@ -41,7 +41,7 @@ def _rtn_quantized(model):
 
     from .quant.linear import QuantLinear
     from .quant.plan import quantized_layers, uniform_plan
-    from .quant.scale import replace_module
+    from .quant.modules import replace_module
 
     q = copy.deepcopy(model)
     plan = uniform_plan(q, "w4a16")
@@ -96,10 +96,10 @@ def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs
     if threads:
         torch.set_num_threads(threads)
     if runtime == "pytorch":
-        from .export.onnx_export import _GraphModule
+        from .export.onnx_export import GraphModule
         from .model import load_model
 
-        module = _GraphModule(load_model(paths[precision]["checkpoint"], device), torch.float32).eval()
+        module = GraphModule(load_model(paths[precision]["checkpoint"], device), torch.float32).eval()
         on_gpu = torch.device(device).type == "cuda"
 
         def run(x):

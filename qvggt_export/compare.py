@@ -41,12 +41,12 @@ def torch_runner(model, name: str = "pytorch"):
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
-    from .export.onnx_export import _GraphModule
+    from .export.onnx_export import GraphModule
 
     class TorchRunner(BaseRunner):
         def __init__(self):
             super().__init__(name=name, prefix="pytorch-runner")
-            self.module = _GraphModule(model, torch.float32).eval()
+            self.module = GraphModule(model, torch.float32).eval()
 
         def activate_impl(self):
             pass
@@ -72,7 +72,7 @@ def onnx_runner(path: str | Path, name: str | None = None):
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from .export.lower import lower
-    from .export.onnx_export import load_onnx
+    from .export.onnx_io import load_onnx
     from .export.runtime import has_custom_nodes, ort_session
 
     path = Path(path)

@@ -12,8 +12,8 @@ import torch
 from qvggt_export.errors import CheckpointError, InputError
 from qvggt_export.export import custom_op, spec
 from qvggt_export.export.lower import count_ops, lower
-from qvggt_export.export.onnx_export import (check_plan, export_onnx, load_onnx, random_images, relative_errors,
-                                             torch_outputs)
+from qvggt_export.export.onnx_export import check_plan, export_onnx, random_images, relative_errors, torch_outputs
+from qvggt_export.export.onnx_io import load_onnx
 from qvggt_export.export.runtime import ort_session
 from qvggt_export.export.spec import ExportConfig
 from qvggt_export.quant.linear import QuantLinear

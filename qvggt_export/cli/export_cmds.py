@@ -110,7 +110,7 @@ def _model_image_size(path) -> tuple[int, int] | None:
 
     from ..errors import InputError
     from ..export import spec
-    from ..export.onnx_export import load_onnx, model_metadata
+    from ..export.onnx_io import load_onnx, model_metadata
 
     path = Path(path)
     if path.suffix == ".engine":
@@ -158,7 +158,7 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 
     from ..errors import QVGGTError
     from ..export.engine import EngineConfig, build_engine, default_backend
-    from ..export.onnx_export import load_onnx
+    from ..export.onnx_io import load_onnx
 
     backend = backend or default_backend()
     if backend is None:

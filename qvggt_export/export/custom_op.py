@@ -71,7 +71,7 @@ def _(x, weight, scales, bias, K, N, group_size, bits, layer, block, precision):
     return x.new_empty((*x.shape[:-1], N))
 
 
-def _translation():
+def translation_table():
     """{torch op: onnxscript function} for torch.onnx.export's custom_translation_table."""
     from onnxscript.values import Opset
 

@@ -25,7 +25,7 @@ def _check_size(images: np.ndarray, image_size, frames: tuple[int, int] | None, 
 
 def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     from .lower import lower
-    from .onnx_export import load_onnx, model_metadata
+    from .onnx_io import load_onnx, model_metadata
     from .runtime import has_custom_nodes, ort_session
 
     model = load_onnx(path, load_external_data=False)

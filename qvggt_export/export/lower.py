@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InputError, QVGGTError
 from ..log import logger
 from . import custom_op
+from .onnx_io import load_onnx, save_proto
 
 TARGETS = ("ort", "qdq", "plugin")
 META_TARGET = "qvggt.lowering"
@@ -219,8 +220,6 @@ def lowered_path(path, target: str):
 
 
 def write_lowering(source, target: str, out=None):
-    from .onnx_export import load_onnx, save_proto
-
     out = out or lowered_path(source, target)
     save_proto(lower(load_onnx(source), target), out)
     logger.info("wrote %s", out)

@@ -10,8 +10,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,22 +18,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import arch
 from ..errors import CheckpointError, InputError, QVGGTError
 from ..log import logger
+from ..quant.linear import QuantLinear
 from . import spec
+from .custom_op import translation_table, w4a16_matmul
+from .lower import lower
+from .onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, save_onnx
+from .runtime import ort_session
 from .spec import ExportConfig
-
-# Protobuf cannot hold more than 2 GiB; above this many weight bytes the model goes to external data.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
 
 class ExportValidationError(QVGGTError):
     """The exported graph does not compute what the PyTorch model computes."""
 
 
 def quant_linears(model: nn.Module) -> dict[str, nn.Module]:
-    from ..quant.linear import QuantLinear
-
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
@@ -56,7 +54,7 @@ def check_plan(model: nn.Module) -> dict | None:
     return plan
 
 
-class _GraphModule(nn.Module):
+class GraphModule(nn.Module):
     """float32 images [1, S, 3, H, W] -> the spec's outputs as float32, whatever the compute dtype, so
     every precision variant has the same interface."""
 
@@ -71,8 +69,6 @@ class _GraphModule(nn.Module):
 
 
 def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from .custom_op import w4a16_matmul
-
     if self.input_scale is not None:  # the explicit AWQ inverse scale (before fc2): a plain Mul node
         x = x * self.input_scale.to(x.dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -83,8 +79,6 @@ def _quant_forward(self, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def export_patches(model: nn.Module) -> Iterator[None]:
     """QuantLinear -> the custom op (with its weight as INT8); undone on exit."""
-    from .. import arch
-
     patched = []
     try:
         for name, module in quant_linears(model).items():
@@ -112,8 +106,6 @@ def _cast_inputs(module: nn.Module, args: tuple) -> tuple:
 def _fp16_copy(model: nn.Module) -> nn.Module:
     """fp16 copy with spec.FP32_MODULES in fp32; every module with its own float parameters casts its
     inputs to their dtype, which puts a Cast exactly at the fp16/fp32 boundaries."""
-    from ..quant.linear import QuantLinear
-
     half = copy.deepcopy(model).half()
     for name in spec.FP32_MODULES:
         half.get_submodule(name).float()
@@ -152,8 +144,6 @@ def _check_precision(model: nn.Module, config: ExportConfig, plan: dict | None) 
 def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig = ExportConfig()) -> Path:
     """Writes `path` (and `path`.data when the weights exceed 2 GB); validates against the PyTorch
     model unless config.validate is False."""
-    from .custom_op import _translation
-
     path = Path(path)
     model = model.eval()
     config.check(model.config.patch_size)
@@ -170,10 +160,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     start = time.perf_counter()
     with export_patches(graph_model), torch.no_grad():
         program = torch.onnx.export(
-            _GraphModule(graph_model, dtype).eval(), (example,), None, dynamo=True, opset_version=spec.OPSET,
+            GraphModule(graph_model, dtype).eval(), (example,), None, dynamo=True, opset_version=spec.OPSET,
             input_names=[spec.INPUT_NAME], output_names=list(spec.OUTPUT_NAMES),
             dynamic_shapes=dynamic_shapes,
-            custom_translation_table=_translation(), optimize=True, verbose=False)
+            custom_translation_table=translation_table(), optimize=True, verbose=False)
     ir_model = program.model
     calls: dict[str, int] = {}
     for node in ir_model.graph:
@@ -198,60 +188,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     return path
 
 
-def save_onnx(write, path: Path) -> None:
-    """Atomic save of a model that may come with `<name>.data` external data: both are written in a
-    temporary folder beside `path` under their final names (the model refers to its data file by
-    name), then moved, the model last, so a killed run never leaves a model without its data."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as exc:
-        raise QVGGTError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
-    try:
-        tmp = tmpdir / path.name
-        write(tmp)
-        data, final_data = tmpdir / (path.name + ".data"), path.with_name(path.name + ".data")
-        if data.exists():
-            os.replace(data, final_data)
-        elif final_data.exists():
-            final_data.unlink()  # left by an earlier, larger export of the same name
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def save_proto(model, path: Path) -> None:
-    import onnx
-
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > EXTERNAL_DATA_THRESHOLD
-    save_onnx(lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=external,
-                                          all_tensors_to_one_file=True, location=path.name + ".data"), path)
-
-
-def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
-    """An ONNX file -> ModelProto, with one-line errors for missing, truncated or corrupt files."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"ONNX model not found: {path}")
-    try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...: all mean unusable
-        raise InputError(f"{path} is not a readable ONNX model (truncated or corrupt?): "
-                         f"{type(exc).__name__}") from None
-    outputs = {o.name for o in model.graph.output}
-    if not model.graph.node or not outputs:
-        raise InputError(f"{path} is not a complete ONNX model (no nodes or outputs; truncated?)")
-    return model
-
-
-def model_metadata(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def random_images(frames: int, image_size: tuple[int, int], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.random((1, frames, 3, *image_size), dtype=np.float32)
@@ -259,7 +195,7 @@ def random_images(frames: int, image_size: tuple[int, int], seed: int = 0) -> np
 
 def torch_outputs(model: nn.Module, images: np.ndarray) -> dict[str, np.ndarray]:
     with torch.no_grad():
-        outs = _GraphModule(model, torch.float32)(torch.from_numpy(images))
+        outs = GraphModule(model, torch.float32)(torch.from_numpy(images))
     return {name: out.numpy() for name, out in zip(spec.OUTPUT_NAMES, outs)}
 
 
@@ -275,9 +211,6 @@ def relative_errors(outputs: dict[str, np.ndarray], reference: dict[str, np.ndar
 def validate_export(model: nn.Module, path: Path, config: ExportConfig) -> dict[str, dict[str, float]]:
     """ONNX Runtime vs the PyTorch model at the smallest and the optimal frame count (custom nodes
     are run through the `ort` lowering, the only form ONNX Runtime can execute)."""
-    from .lower import lower
-    from .runtime import ort_session
-
     onnx_model = lower(load_onnx(path), "ort")
     session = ort_session(onnx_model)
     tolerance = spec.REL_TOL[config.dtype]
