@@ -7,9 +7,12 @@ import pytest
 
 from qvggt_export.data.synthetic import (
     CALIBRATION_SEEDS,
+    SYNTHETIC_SETS,
     SYNTHETIC_VAL,
+    SYNTHETIC_VIDEO,
     TRAIN_SEEDS,
     VAL_SEEDS,
+    VIDEO_VAL_SEEDS,
     _layout,
     _render_view,
     calibration_scenes,
@@ -91,9 +94,12 @@ def test_textures_have_fine_detail():
 
 
 def test_seed_ranges_are_disjoint_and_sets_use_their_range():
-    ranges = sorted([TRAIN_SEEDS, VAL_SEEDS, CALIBRATION_SEEDS], key=lambda r: r.start)
+    ranges = sorted([TRAIN_SEEDS, VAL_SEEDS, VIDEO_VAL_SEEDS, CALIBRATION_SEEDS], key=lambda r: r.start)
     assert all(earlier.stop <= later.start for earlier, later in zip(ranges, ranges[1:]))
     assert set(SYNTHETIC_VAL.seeds) <= set(VAL_SEEDS) and len(SYNTHETIC_VAL.seeds) == 10
+    assert set(SYNTHETIC_VIDEO.seeds) <= set(VIDEO_VAL_SEEDS) and len(SYNTHETIC_VIDEO.seeds) >= 10
+    assert SYNTHETIC_VIDEO.num_views >= 8 and SYNTHETIC_VIDEO.trajectory == "video"
+    assert set(SYNTHETIC_SETS) == {"synthetic-val", "synthetic-video"}
     scenes = calibration_scenes(2, num_views=2, image_size=(28, 28))
     assert [s.seed for s in scenes] == list(CALIBRATION_SEEDS[:2])
 
@@ -113,3 +119,49 @@ def test_a_518x518_view_renders_well_under_a_second():
         timings.append(time.perf_counter() - start)
     # ~0.3 s on an idle core; the bound leaves room for a loaded CI machine.
     assert min(timings) < 2.0
+
+
+def _relative_rotation_deg(scene, i, j):
+    rotation = scene.extrinsics[i, :, :3].astype(np.float64) @ scene.extrinsics[j, :, :3].astype(np.float64).T
+    return np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))
+
+
+def _centres(scene):
+    return closed_form_inverse_se3(scene.extrinsics.astype(np.float64))[:, :3, 3]
+
+
+def test_trajectory_changes_only_the_cameras():
+    arc, orbit = render_scene(4, 3, (28, 42)), render_scene(4, 3, (28, 42), "orbit")
+    np.testing.assert_array_equal(arc.images, render_scene(4, 3, (28, 42), "arc").images)
+    # Same room, objects and lights: the cameras are drawn last from the seed's stream.
+    assert repr(_layout(4, 3, (28, 42), "orbit").room) == repr(_layout(4, 3, (28, 42)).room)
+    assert repr(_layout(4, 3, (28, 42), "pan").objects) == repr(_layout(4, 3, (28, 42)).objects)
+    assert np.abs(arc.extrinsics - orbit.extrinsics).max() > 0.1
+    again = render_scene(4, 3, (28, 42), "orbit")
+    np.testing.assert_array_equal(orbit.images, again.images)
+    np.testing.assert_array_equal(orbit.extrinsics, again.extrinsics)
+    with pytest.raises(InputError, match="trajectory"):
+        render_scene(4, 3, (28, 42), "spiral")
+
+
+@pytest.mark.parametrize("seed", [20, 21, 22])
+def test_video_clips_are_smooth_and_narrow(seed):
+    for kind, (low, high) in {"orbit": (9, 62), "pan": (19, 62), "forward": (0, 16)}.items():
+        scene = render_scene(seed, 8, (28, 42), kind)
+        assert scene.valid.all() and scene.depth.min() > 0.5  # inside the room, clear of the objects
+        steps = [_relative_rotation_deg(scene, i, i + 1) for i in range(7)]
+        span = max(_relative_rotation_deg(scene, 0, j) for j in range(8))
+        assert max(steps) < 15, (kind, steps)  # consecutive frames of a clip, not shuffled views
+        assert low <= span <= high, (kind, span)
+        np.testing.assert_array_equal(scene.intrinsics, scene.intrinsics[:1].repeat(8, 0))  # one camera
+        centres = _centres(scene)
+        if kind == "forward":  # it walks along its viewing direction
+            walk = centres[-1] - centres[0]
+            assert np.linalg.norm(walk) > 0.35 and walk @ scene.extrinsics[0, 2, :3] > 0.6 * np.linalg.norm(walk)
+
+
+def test_video_mixes_the_three_kinds():
+    spans = [max(_relative_rotation_deg(s, 0, j) for j in range(4))
+             for s in (render_scene(seed, 4, (28, 42), "video") for seed in SYNTHETIC_VIDEO.seeds)]
+    # Forward walks barely turn; orbits and pans turn 10-60 degrees: the split holds both.
+    assert min(spans) < 10 and max(spans) > 15

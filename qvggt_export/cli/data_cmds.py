@@ -8,21 +8,21 @@ from . import main
 from .model_cmds import CHECKPOINT_HELP
 
 # Mirrors qvggt_export.data.readers.DATASETS (kept here so that --help does not import torch).
-DATASET_CHOICES = ("synthetic-val", "folder", "co3d", "re10k", "7scenes", "nrgbd")
+DATASET_CHOICES = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k", "7scenes", "nrgbd")
 
 
 @main.command("eval")
 @click.option("--checkpoint", "-c", default=None, help=CHECKPOINT_HELP)
 @click.option("--dataset", type=click.Choice(DATASET_CHOICES), default="synthetic-val", show_default=True,
               help="Dataset to evaluate on.")
-@click.option("--root", type=click.Path(), default=None, help="Dataset root (not for synthetic-val).")
+@click.option("--root", type=click.Path(), default=None, help="Dataset root (not for the synthetic sets).")
 @click.option("--frames", type=int, default=None,
-              help="Frames per scene. Default: 10 (synthetic-val, co3d, re10k), every keyframe (7scenes, "
+              help="Frames per scene. Default: 10 (synthetic-val, co3d, re10k), 8 (synthetic-video), every keyframe (7scenes, "
                    "nrgbd), every image (folder).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the frame sampling.")
 @click.option("--max-scenes", type=int, default=None, help="Evaluate at most this many scenes.")
 @click.option("--image-size", default=None, metavar="HxW",
-              help="Render synthetic-val at this size instead of 392x518 (multiples of 14).")
+              help="Render a synthetic set at this size instead of 392x518 (multiples of 14).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the full results as JSON here.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size, json_path, device) -> None:
@@ -37,7 +37,7 @@ def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size
     size = parse_image_size(image_size) if image_size else None
     reader = open_dataset(dataset, root, frames, seed, max_scenes, size)
     model = load_model(checkpoint, device=device)
-    if size is None and dataset == "synthetic-val":
+    if size is None and dataset.startswith("synthetic-"):
         # Render at the model's native size: a small model is meaningless at synthetic-val's 392x518.
         reader = open_dataset(dataset, root, frames, seed, max_scenes, model.config.default_image_size)
     result = evaluate(model, reader, root=root, frames=frames, seed=seed, device=device)

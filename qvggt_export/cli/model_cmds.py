@@ -39,7 +39,9 @@ def info(checkpoint: str, as_json: bool) -> None:
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--checkpoint", "-c", default=None, help=CHECKPOINT_HELP)
 @click.option("--scene", default=None, metavar="synthetic:SEED",
-              help="Run on a rendered synthetic scene with ground truth instead of IMAGES, and print errors.")
+              help="Run on a rendered synthetic scene with ground truth instead of IMAGES, and print errors; "
+                   "synthetic-video:SEED (or -orbit, -forward, -pan) for video-like cameras, e.g. "
+                   "synthetic-video:1000100 (the synthetic-video split's first scene).")
 @click.option("--views", default=4, show_default=True, help="Views rendered for --scene.")
 @click.option("--image-size", default=None, metavar="HxW", help="Render size for --scene (default: the model's).")
 @click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,

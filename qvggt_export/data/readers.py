@@ -32,7 +32,7 @@ from ..geometry import closed_form_inverse_se3, unproject_depth_map_to_point_map
 from ..log import logger
 from .images import ResizePlan, image_size, load_and_preprocess_images, plan_preprocessing
 
-DATASETS = ("synthetic-val", "folder", "co3d", "re10k", "7scenes", "nrgbd")
+DATASETS = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k", "7scenes", "nrgbd")
 DEFAULT_POSE_FRAMES = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -514,7 +514,7 @@ class SyntheticReader(DatasetReader):
         from .synthetic import render_scene
 
         for seed in self.sources:
-            scene = render_scene(seed, self.num_views, self.image_size)
+            scene = render_scene(seed, self.num_views, self.image_size, self.spec.trajectory)
             yield Sequence(
                 f"seed-{seed}", self.spec.name, torch.from_numpy(scene.images),
                 extrinsics=scene.extrinsics.astype(np.float64), intrinsics=scene.intrinsics.astype(np.float64),
@@ -530,18 +530,22 @@ def open_dataset(name: str, root=None, frames: int | None = None, seed: int = 0,
                  max_scenes: int | None = None, image_size: tuple[int, int] | None = None) -> DatasetReader:
     """List a dataset's sequences and select their frames (layout errors raise InputError here).
 
-    `image_size` (H, W) renders synthetic-val at another size (quick runs of small models).
+    `image_size` (H, W) renders a synthetic set (synthetic-val, synthetic-video) at another size (quick runs
+    of small models).
     """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if max_scenes is not None and max_scenes < 1:
         raise InputError(f"--max-scenes must be at least 1, got {max_scenes}")
-    if name == "synthetic-val":
+    from .synthetic import SYNTHETIC_SETS
+
+    if name in SYNTHETIC_SETS:
         if frames is not None and frames < 1:
             raise InputError(f"--frames must be at least 1, got {frames}")
-        return SyntheticReader(num_views=frames, max_scenes=max_scenes, image_size=image_size)
+        return SyntheticReader(SYNTHETIC_SETS[name], num_views=frames, max_scenes=max_scenes, image_size=image_size)
     if image_size is not None:
-        raise InputError("an image size applies to synthetic-val only (real images use the released preprocessing)")
+        raise InputError("an image size applies to the synthetic sets only (real images use the released "
+                         "preprocessing)")
     selector = _FrameSelector(frames, seed)
     sources = _READERS[name](root, selector)
     if max_scenes is not None:

@@ -9,7 +9,14 @@ direction has camera z = 1, so the hit distance along it *is* the depth.
 Seed ranges (disjoint, so that training can never touch evaluation or calibration scenes):
 - TRAIN_SEEDS: 0 .. 999_999
 - VAL_SEEDS: 1_000_000 .. 1_000_009 (SYNTHETIC_VAL: 10 scenes x 10 views)
+- VIDEO_VAL_SEEDS: 1_000_100 .. 1_000_111 (SYNTHETIC_VIDEO: 12 scenes x 8 views, video-like cameras)
 - CALIBRATION_SEEDS: 2_000_000 .. 2_999_999 (`calibration_scenes` takes the first n)
+
+Camera trajectories (`render_scene(..., trajectory=)`): "arc" (the default: views spread over a 100-220 deg
+arc around the scene, in shuffled order) or video-like clips in time order, as users shoot them: "orbit"
+(a 10-60 deg drone / handheld orbit), "forward" (walking towards the scene), "pan" (turning 20-60 deg
+while stepping sideways), or "video" (one of those three, drawn from the seed). The trajectory only
+changes the cameras: the same seed gives the same room and objects.
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ from ..io import atomic_output
 
 TRAIN_SEEDS = range(0, 1_000_000)
 VAL_SEEDS = range(1_000_000, 1_000_010)
+VIDEO_VAL_SEEDS = range(1_000_100, 1_000_112)
 CALIBRATION_SEEDS = range(2_000_000, 3_000_000)
+
+VIDEO_TRAJECTORIES = ("orbit", "forward", "pan")
+TRAJECTORIES = ("arc", *VIDEO_TRAJECTORIES, "video")
 
 DEFAULT_IMAGE_SIZE = (392, 518)  # (H, W): the landscape shape the released preprocessing gives 4:3 images
 _MISS = np.inf
@@ -39,9 +50,12 @@ class SyntheticSet:
     seeds: tuple[int, ...]
     num_views: int
     image_size: tuple[int, int]
+    trajectory: str = "arc"
 
 
 SYNTHETIC_VAL = SyntheticSet("synthetic-val", tuple(VAL_SEEDS), 10, DEFAULT_IMAGE_SIZE)
+SYNTHETIC_VIDEO = SyntheticSet("synthetic-video", tuple(VIDEO_VAL_SEEDS), 8, DEFAULT_IMAGE_SIZE, "video")
+SYNTHETIC_SETS = {spec.name: spec for spec in (SYNTHETIC_VAL, SYNTHETIC_VIDEO)}
 
 
 @dataclass
@@ -345,7 +359,7 @@ def _look_at(position: np.ndarray, target: np.ndarray, roll: float) -> np.ndarra
     return np.concatenate([rotation, -(rotation @ position)[:, None]], 1)
 
 
-def _place_cameras(rng, num_views: int, center_xy, room_size, image_size):
+def _arc_cameras(rng, num_views: int, center_xy, room_size, image_size):
     height, width = image_size
     # Cameras on an arc around the centre; the arc is wide enough that every pair has a real baseline.
     arc = np.deg2rad(rng.uniform(100, 220))
@@ -365,7 +379,68 @@ def _place_cameras(rng, num_views: int, center_xy, room_size, image_size):
     return np.stack(extrinsics), np.stack(intrinsics)
 
 
-def _layout(seed: int, num_views: int, image_size: tuple[int, int]) -> _SceneLayout:
+def _smooth_path(rng, num_views: int, amplitude: float) -> np.ndarray:
+    """A smooth random wobble over the clip (one slow sine), as a handheld or drone path has."""
+    phase, cycles = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.0)
+    return amplitude * np.sin(phase + 2 * np.pi * cycles * np.linspace(0, 1, num_views))
+
+
+def _clip_times(rng, num_views: int) -> np.ndarray:
+    """Frame times in [0, 1], in order, with an uneven speed (frames picked from a video)."""
+    steps = rng.uniform(0.6, 1.4, max(num_views - 1, 1))
+    return np.concatenate([[0.0], np.cumsum(steps) / steps.sum()])[:num_views]
+
+
+def _video_cameras(rng, kind: str, num_views: int, center_xy, room_size, image_size):
+    """Cameras of a video-like clip, in time order; one field of view for the whole clip."""
+    height, width = image_size
+    times = _clip_times(rng, num_views)
+    max_radius = min(*center_xy, *(room_size[:2] - center_xy)) - 0.5  # stay clear of the walls
+    start = rng.uniform(0, 2 * np.pi)
+    direction = rng.choice([-1.0, 1.0])
+    heights = rng.uniform(1.0, 2.0) + _smooth_path(rng, num_views, 0.15)
+    rolls = np.deg2rad(rng.uniform(-4, 4)) + _smooth_path(rng, num_views, np.deg2rad(2))
+    if kind == "orbit":
+        azimuths = start + direction * np.deg2rad(rng.uniform(10, 60)) * times
+        radii = np.clip(rng.uniform(2.4, max_radius) + _smooth_path(rng, num_views, 0.2), 2.3, max_radius)
+        positions = center_xy + radii[:, None] * np.stack([np.cos(azimuths), np.sin(azimuths)], 1)
+        targets = center_xy + rng.uniform(-0.4, 0.4, 2) + _smooth_path(rng, num_views, 0.15)[:, None]
+    elif kind == "forward":  # towards the scene centre, drifting sideways
+        radius = rng.uniform(min(3.0, max_radius), max_radius)
+        away = np.array([np.cos(start), np.sin(start)])
+        side = np.array([-away[1], away[0]])
+        walked = rng.uniform(0.4, min(1.4, radius - 2.2)) * times
+        sway = rng.uniform(-0.3, 0.3) * times + _smooth_path(rng, num_views, 0.05)
+        positions = center_xy + (radius - walked)[:, None] * away + sway[:, None] * side
+        turn = np.deg2rad(rng.uniform(-12, 12)) * times  # the heading drifts a little
+        targets = positions - 2.5 * np.stack([np.cos(start + turn), np.sin(start + turn)], 1)
+    elif kind == "pan":  # turning on the spot while stepping sideways
+        radius = rng.uniform(2.4, max_radius)
+        away = np.array([np.cos(start), np.sin(start)])
+        side = np.array([-away[1], away[0]])
+        step = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.7) * (times - 0.5)  # either way of the turn
+        positions = center_xy + radius * away + step[:, None] * side
+        yaws = start + np.pi + direction * np.deg2rad(rng.uniform(20, 60)) * (times - 0.5)
+        targets = positions + 2.5 * np.stack([np.cos(yaws), np.sin(yaws)], 1)
+    else:
+        raise ValueError(f"unknown video trajectory {kind!r}")
+    target_heights = rng.uniform(0.3, 0.9) + _smooth_path(rng, num_views, 0.1)
+    focal = (width / 2) / np.tan(np.deg2rad(rng.uniform(50, 80)) / 2)
+    intrinsic = np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1.0]])
+    extrinsics = [_look_at(np.array([*p, h]), np.array([*t, th]), roll)
+                  for p, h, t, th, roll in zip(positions, heights, targets, target_heights, rolls)]
+    return np.stack(extrinsics), np.tile(intrinsic, (num_views, 1, 1))
+
+
+def _place_cameras(rng, num_views: int, center_xy, room_size, image_size, trajectory: str = "arc"):
+    if trajectory == "arc":
+        return _arc_cameras(rng, num_views, center_xy, room_size, image_size)
+    if trajectory == "video":
+        trajectory = VIDEO_TRAJECTORIES[int(rng.integers(len(VIDEO_TRAJECTORIES)))]
+    return _video_cameras(rng, trajectory, num_views, center_xy, room_size, image_size)
+
+
+def _layout(seed: int, num_views: int, image_size: tuple[int, int], trajectory: str = "arc") -> _SceneLayout:
     rng = np.random.default_rng(seed)
     room_size = np.array([rng.uniform(7.0, 11.0), rng.uniform(7.0, 11.0), rng.uniform(2.6, 3.4)])
     room = _Room(
@@ -381,7 +456,7 @@ def _layout(seed: int, num_views: int, image_size: tuple[int, int]) -> _SceneLay
     lights[:, 2] = np.abs(lights[:, 2]) + 0.8  # from above
     lights /= np.linalg.norm(lights, axis=1, keepdims=True)
     strengths = np.array([rng.uniform(0.35, 0.55), rng.uniform(0.1, 0.25)])
-    extrinsics, intrinsics = _place_cameras(rng, num_views, center_xy, room_size, image_size)
+    extrinsics, intrinsics = _place_cameras(rng, num_views, center_xy, room_size, image_size, trajectory)
     # Rays are cast through the float32-rounded cameras that the scene stores, so that unprojecting
     # the stored depth through the stored cameras gives the rendered points exactly.
     extrinsics = extrinsics.astype(np.float32).astype(np.float64)
@@ -477,12 +552,15 @@ def check_image_size(image_size) -> tuple[int, int]:
     return height, width
 
 
-def render_scene(seed: int, num_views: int = 10, image_size=DEFAULT_IMAGE_SIZE) -> Scene:
-    """Render `num_views` views of the scene drawn from `seed`, with exact ground truth."""
+def render_scene(seed: int, num_views: int = 10, image_size=DEFAULT_IMAGE_SIZE, trajectory: str = "arc") -> Scene:
+    """Render `num_views` views of the scene drawn from `seed` along a camera `trajectory` (TRAJECTORIES),
+    with exact ground truth."""
     if num_views < 1:
         raise InputError(f"num_views must be at least 1, got {num_views}")
+    if trajectory not in TRAJECTORIES:
+        raise InputError(f"unknown camera trajectory {trajectory!r}; choose one of {', '.join(TRAJECTORIES)}")
     image_size = check_image_size(image_size)
-    layout = _layout(seed, num_views, image_size)
+    layout = _layout(seed, num_views, image_size, trajectory)
     views = [_render_view(layout, e, k, image_size) for e, k in zip(layout.extrinsics, layout.intrinsics)]
     images, depth, points, valid = (np.stack(parts) for parts in zip(*views))
     return Scene(
