@@ -121,11 +121,12 @@ def uv_grid(width: int, height: int, aspect_ratio: float, dtype: torch.dtype, de
 
 
 def sincos_embed(pos: Tensor, dim: int, omega_0: float = 100.0) -> Tensor:
-    # The released code computes the frequencies in float64 (except on MPS).
-    omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
+    # The released code computes this in float64; float32 differs by ~1e-7 (|pos * omega| <= ~1) and keeps
+    # exported graphs free of float64, which TensorRT lacks and older ONNX Runtime cannot run (Cos(7)).
+    omega = torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim / 2.0)
     omega = 1.0 / omega_0 ** omega
-    out = pos.reshape(-1, 1).double() * omega[None]
-    return torch.cat([out.sin(), out.cos()], dim=1).float()
+    out = pos.reshape(-1, 1).float() * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
 
 
 def grid_pos_embed(x: Tensor, aspect_ratio: float, ratio: float = 0.1) -> Tensor:
