@@ -57,8 +57,7 @@ def _prepare(config: BenchConfig) -> dict:
     from .export.onnx_export import export_onnx
     from .export.spec import ExportConfig
     from .model import load_model
-    from .model.loading import save_vggt
-    from .quant.checkpoint import save_quantized
+    from .model import save_quantized, save_vggt
 
     work = Path(config.workdir)
     fp = load_model(config.checkpoint)

@@ -95,7 +95,7 @@ class Stages:
 
 
 def _source_hash(checkpoint: str | None) -> tuple[Path, str]:
-    from .model.loading import DEFAULT_MODEL, resolve_source
+    from .model.checkpoint import DEFAULT_MODEL, resolve_source
 
     path = resolve_source(checkpoint or DEFAULT_MODEL)
     return path, sha256_file(path)
@@ -161,7 +161,7 @@ def build(config: BuildConfig) -> dict:
 
 def _quantize(model_fp, config: BuildConfig, calib_dir: Path, qpath: Path) -> None:
     from .quant.calibration_set import load_calibration
-    from .quant.checkpoint import save_quantized
+    from .model import save_quantized
     from .quant.quantizer import QuantConfig, quantize_model
 
     calib = load_calibration(config.calib, model_fp, config.calib_scenes, config.calib_frames)

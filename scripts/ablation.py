@@ -21,7 +21,7 @@ from qvggt_export.data.synthetic import SYNTHETIC_VAL, render_scene
 from qvggt_export.geometry import pose_encoding_to_extri_intri
 from qvggt_export.log import setup_logging
 from qvggt_export.metrics import camera_pose_metrics, depth_metrics, pointmap_metrics
-from qvggt_export.model.loading import load_model
+from qvggt_export.model import load_model
 from qvggt_export.quant.calibration_set import load_calibration
 from qvggt_export.quant.calibration_run import calibrate
 from qvggt_export.quant.quantizer import QuantConfig, quantize_model, weight_bytes

@@ -16,10 +16,9 @@ import torch
 
 from qvggt_export import arch
 from qvggt_export.model import VGGT, VGGTConfig
-from qvggt_export.model.loading import load_model
+from qvggt_export.model import load_model, save_quantized
 from qvggt_export.quant.calibration_set import load_calibration
 from qvggt_export.quant.calibration_run import calibrate
-from qvggt_export.quant.checkpoint import save_quantized
 from qvggt_export.quant.objective import predict
 from qvggt_export.quant.quantizer import QuantConfig, quantize_model, weight_bytes
 

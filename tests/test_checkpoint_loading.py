@@ -1,4 +1,4 @@
-"""from_pretrained on every kind of source, and one-line errors for bad checkpoints."""
+"""load_vggt / load_model on every kind of source, and one-line errors for bad checkpoints."""
 
 import json
 
@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import FIXTURES
 from qvggt_export.errors import CheckpointError
-from qvggt_export.model import VGGT, VGGTConfig, load_model, save_vggt
+from qvggt_export.model import VGGT, VGGTConfig, load_model, load_vggt, save_vggt
 
 TINY_CONFIG = json.loads((FIXTURES / "vggt_tiny/config.json").read_text())["config"]
 
@@ -33,10 +33,10 @@ def _pose(model):
 
 
 def test_directory_file_and_pt_sources_give_the_same_model(tiny_dir, tiny_state):
-    from_dir = VGGT.from_pretrained(str(tiny_dir))
-    from_file = VGGT.from_pretrained(str(tiny_dir / "model.safetensors"))
+    from_dir = load_vggt(str(tiny_dir))
+    from_file = load_vggt(str(tiny_dir / "model.safetensors"))
     torch.save(tiny_state, tiny_dir / "model.pt")
-    from_pt = VGGT.from_pretrained(str(tiny_dir / "model.pt"))
+    from_pt = load_vggt(str(tiny_dir / "model.pt"))
     expected = torch.from_numpy(np.load(FIXTURES / "vggt_tiny/outputs.npz")["pose_enc"])
     for model in (from_dir, from_file, from_pt):
         assert torch.allclose(_pose(model), expected, atol=1e-4)
@@ -56,7 +56,7 @@ def test_track_head_weights_are_accepted(tiny_dir, tiny_state):
     # A checkpoint with released track-head tensors loads into a model that does not carry them.
     extra = dict(tiny_state, **{"track_head.tracker.query_ref_token": torch.zeros(1, 2, 388)})
     save_file(extra, tiny_dir / "model.safetensors")
-    model = VGGT.from_pretrained(str(tiny_dir), config=VGGTConfig(**TINY_CONFIG, carry_track_head=False))
+    model = load_vggt(str(tiny_dir), config=VGGTConfig(**TINY_CONFIG, carry_track_head=False))
     assert model.track_head is None
 
 
@@ -64,39 +64,39 @@ def test_missing_key_is_named(tiny_dir, tiny_state):
     broken = {k: v for k, v in tiny_state.items() if k != "camera_head.embed_pose.weight"}
     save_file(broken, tiny_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"1 missing keys: camera_head.embed_pose.weight"):
-        VGGT.from_pretrained(str(tiny_dir))
+        load_vggt(str(tiny_dir))
 
 
 def test_unexpected_key_is_named(tiny_dir, tiny_state):
     save_file(dict(tiny_state, **{"aggregator.bogus": torch.zeros(2)}), tiny_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected keys: aggregator.bogus"):
-        VGGT.from_pretrained(str(tiny_dir))
+        load_vggt(str(tiny_dir))
 
 
 def test_shape_mismatch_is_reported(tiny_dir, tiny_state):
     save_file(dict(tiny_state, **{"camera_head.embed_pose.bias": torch.zeros(3)}), tiny_dir / "model.safetensors")
     with pytest.raises(CheckpointError, match="size mismatch"):
-        VGGT.from_pretrained(str(tiny_dir))
+        load_vggt(str(tiny_dir))
 
 
 @pytest.mark.parametrize("name,content", [("model.safetensors", b"not a checkpoint"), ("model.pt", b"\x00garbage")])
 def test_not_a_checkpoint(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(CheckpointError, match="not a"):
-        VGGT.from_pretrained(str(tmp_path / name))
+        load_vggt(str(tmp_path / name))
 
 
 def test_pickled_object_is_refused_by_weights_only(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "fn": print}, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
-        VGGT.from_pretrained(str(tmp_path / "model.pt"))
+        load_vggt(str(tmp_path / "model.pt"))
 
 
 def test_missing_source(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        VGGT.from_pretrained(str(tmp_path / "nope.safetensors"))
+        load_vggt(str(tmp_path / "nope.safetensors"))
     with pytest.raises(CheckpointError, match="holds none of"):
-        VGGT.from_pretrained(str(tmp_path))
+        load_vggt(str(tmp_path))
 
 
 def test_config_ignores_unknown_keys():

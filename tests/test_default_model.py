@@ -18,8 +18,8 @@ import torch
 
 from qvggt_export.data.readers import SyntheticReader
 from qvggt_export.evaluate import evaluate
-from qvggt_export.model import VGGT, load_model
-from qvggt_export.model.loading import EMBEDDED
+from qvggt_export.model import VGGT, load_model, load_vggt
+from qvggt_export.model.checkpoint import EMBEDDED
 
 CARD = Path(EMBEDDED["vggt-tiny"]).with_suffix(".md")
 
@@ -53,7 +53,7 @@ def test_default_checkpoint_is_the_tiny_preset(model):
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith(("aggregator.", "camera_head.trunk")):
             assert module.in_features % 128 == 0, name
-    assert VGGT.from_pretrained("vggt-tiny").config == model.config
+    assert load_vggt("vggt-tiny").config == model.config
 
 
 def test_synthetic_val_metrics_match_model_card(model, card):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from qvggt_export.build import BuildConfig, build
 from qvggt_export.cli import main
-from qvggt_export.model.loading import save_vggt
+from qvggt_export.model import save_vggt
 
 from export_helpers import IMAGE_SIZE, exported_tiny, tiny_float_model
 
@@ -124,7 +124,7 @@ def test_infer_onnx_matches_predict(tmp_path_factory, tmp_path):
 
 def test_compare_cli_exit_codes(tmp_path_factory, tmp_path):
     """Exit 0 against the checkpoint the ONNX came from, 1 against another model (Polygraphy's convention)."""
-    from qvggt_export.quant.checkpoint import save_quantized
+    from qvggt_export.model import save_quantized
 
     model, onnx_path = exported_tiny(tmp_path_factory)
     quantized = save_quantized(model, tmp_path / "q.safetensors")

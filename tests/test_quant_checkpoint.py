@@ -4,8 +4,7 @@ import torch
 
 from quant_helpers import small_calibration, small_model
 from qvggt_export import arch
-from qvggt_export.model.loading import load_model
-from qvggt_export.quant.checkpoint import save_quantized
+from qvggt_export.model import load_model, save_quantized
 from qvggt_export.quant.cic import cic_token
 from qvggt_export.quant.linear import QuantLinear
 from qvggt_export.quant.quantizer import QuantConfig, quantize_model

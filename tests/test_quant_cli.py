@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from quant_helpers import small_model
 from qvggt_export.cli import main
-from qvggt_export.model.loading import load_model, save_vggt
+from qvggt_export.model import load_model, save_vggt
 
 SMALL_CALIB = ["--calib-scenes", "2", "--calib-frames", "2", "--calib-size", "28x42"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from qvggt_export.model import VGGT, VGGTConfig, save_vggt
+from qvggt_export.model import VGGT, VGGTConfig, load_vggt, save_vggt
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_vggt1b_state_dict_matches_release_and_round_trips(tmp_path):
     del model, state
     gc.collect()
 
-    reloaded = VGGT.from_pretrained(str(tmp_path))
+    reloaded = load_vggt(str(tmp_path))
     for key, value in probe.items():
         assert torch.equal(reloaded.state_dict()[key][:2], value)
     with torch.no_grad():

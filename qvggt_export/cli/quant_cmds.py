@@ -23,7 +23,7 @@ def calibration_options(fn):
 def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
     from ..errors import CheckpointError
     from ..export.spec import parse_image_size
-    from ..model.loading import load_model
+    from ..model import load_model
     from ..quant.calibration_set import load_calibration
 
     model = load_model(checkpoint)
@@ -75,7 +75,7 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
              targets):
     """Quantize a VGGT checkpoint to W4A16 (QVGGT or a baseline) and write a quantized checkpoint."""
     from ..io import write_json
-    from ..quant.checkpoint import save_quantized
+    from ..model import save_quantized
     from ..quant.quantizer import QuantConfig, quantize_model, weight_bytes
 
     config = QuantConfig(method=method, mixed=not no_mixed, token_filter=not no_token_filter, cic=not no_cic,

@@ -6,7 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .loading import METADATA_CONFIG, METADATA_FORMAT, config_for, read_checkpoint, resolve_source
+from .checkpoint import (METADATA_CONFIG, METADATA_FORMAT, config_for, read_checkpoint, read_checkpoint_metadata,
+                         resolve_source)
 
 PARTS = ("aggregator.patch_embed", "aggregator", "camera_head", "depth_head", "point_head", "track_head")
 
@@ -19,8 +20,6 @@ def checkpoint_summary(source: str) -> dict:
     path = resolve_source(source)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-
-        from .loading import read_checkpoint_metadata
 
         _, metadata = read_checkpoint_metadata(path)
         with safe_open(str(path), framework="pt") as f:

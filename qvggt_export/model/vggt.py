@@ -71,12 +71,6 @@ class VGGT(nn.Module):
             raise KeyError(_describe_key_mismatch(missing, result.unexpected_keys))
         return result
 
-    @classmethod
-    def from_pretrained(cls, source: str, config: VGGTConfig | None = None) -> "VGGT":
-        from .loading import load_vggt
-
-        return load_vggt(source, config)
-
     def num_parameters(self, include_track_head: bool = True) -> int:
         return sum(p.numel() for n, p in self.named_parameters()
                    if include_track_head or not n.startswith(TRACK_PREFIX))
