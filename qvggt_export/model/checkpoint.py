@@ -25,7 +25,6 @@ from ..errors import CheckpointError
 from ..io import atomic_output
 from ..log import logger
 from ..quant.linear import QuantLinear
-from ..quant.modules import replace_module
 from .config import VGGTConfig
 from .vggt import VGGT
 
@@ -210,8 +209,8 @@ def load_quantized(path: str | Path) -> VGGT:
             model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{path}: quantized layer {name} does not exist in the model config") from None
-        replace_module(model, name, QuantLinear(layer["in_features"], layer["out_features"], layer["bits"],
-                                                layer["group_size"], layer["bias"], layer["input_scale"], name))
+        model.set_submodule(name, QuantLinear(layer["in_features"], layer["out_features"], layer["bits"],
+                                              layer["group_size"], layer["bias"], layer["input_scale"], name))
     if arch.EXTRA_CAMERA_TOKENS_KEY in state:
         arch.set_extra_camera_tokens(model, torch.zeros_like(state[arch.EXTRA_CAMERA_TOKENS_KEY]))
     try:
