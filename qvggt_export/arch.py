@@ -187,6 +187,58 @@ EXTRA_CAMERA_TOKENS_KEY = "camera_head.extra_tokens"
 
 
 # ---------------------------------------------------------------------------------------------------
+# Block-wise execution (the quantizer's block cache, quant/forward.py)
+#
+# The frame and global blocks form a pipeline: each maps the AggregatorState entering it to the state
+# entering the next, so a cache of one state per scene lets a trial re-run only the blocks from the one
+# it changed. The camera trunk blocks live inside the camera head (run once per refinement iteration):
+# a trial there re-runs the camera head alone on the cached last layer; the dense heads' outputs do
+# not depend on it.
+
+PIPELINE_KINDS = ("frame", "global")
+HEAD_OF_KIND = {"camera": "camera"}  # block kind -> the head whose forward runs it
+# The heads as the quantizer evaluates them: "camera" -> pose, "dense" -> depth and point maps.
+HEAD_GROUPS = ("camera", "dense")
+PREDICTION_KEYS = {"camera": ("pose_enc",), "dense": ("depth", "depth_conf", "world_points", "world_points_conf")}
+# Frames per dense-head call during calibration and quantization (the released code's bound).
+DENSE_FRAMES_CHUNK = 8
+
+
+def is_pipeline_block(block: BlockSpec) -> bool:
+    return block.kind in PIPELINE_KINDS
+
+
+def block_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {b.name: model.get_submodule(b.name) for b in quant_blocks(model)}
+
+
+def begin_forward(model: nn.Module, images: Tensor):
+    """images [B, S, 3, H, W] -> the state entering the first pipeline block."""
+    return model.aggregator.begin(images)
+
+
+def forward_block(model: nn.Module, block: BlockSpec, state):
+    if block.kind == "frame":
+        return model.aggregator.run_frame_block(block.index, state)
+    if block.kind == "global":
+        return model.aggregator.run_global_block(block.index, state)
+    raise ValueError(f"{block.name} is not a pipeline block")
+
+
+def final_layers(state) -> dict[int, Tensor]:
+    """The kept layers the heads read, once the state has passed every pipeline block."""
+    return state.kept
+
+
+def run_head_group(model: nn.Module, group: str, layers: dict[int, Tensor], image_hw: tuple[int, int]) -> dict:
+    if group == "camera":
+        return {"pose_enc": model.predict_camera(layers)["pose_enc"]}
+    if group == "dense":
+        return model.predict_dense(layers, *image_hw, frames_chunk_size=DENSE_FRAMES_CHUNK)
+    raise ValueError(f"unknown head group {group!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Export spec (the export engineer's section; qvggt_export/export/spec.py builds ExportConfig on it)
 
 EXPORT_INPUT = "images"  # [1, S, 3, H, W] float32 in [0, 1]

@@ -51,3 +51,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_tensors(named_tensors) -> str:
+    """Content hash of (name, tensor) pairs: names, dtypes, shapes and every byte (not sums)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

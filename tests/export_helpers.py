@@ -8,7 +8,7 @@ from qvggt_export import arch
 from qvggt_export.model import VGGT, VGGTConfig
 from qvggt_export.quant.linear import QuantLinear
 from qvggt_export.quant.plan import build_plan, quantized_layers
-from qvggt_export.quant.scale import replace_module
+from qvggt_export.quant.modules import replace_module
 
 # 518 wide: what the released preprocessing ("crop") makes of a 2:37 image, so `infer` can be tested
 # on image files; 2 patch rows keep it fast.

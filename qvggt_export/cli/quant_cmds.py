@@ -8,6 +8,8 @@ import click
 
 from . import main
 
+FAST_HELP = "grid 6 alphas, top-2 task-aware candidates"
+
 
 def calibration_options(fn):
     fn = click.option("--calib-size", default=None, metavar="HxW",
@@ -18,6 +20,31 @@ def calibration_options(fn):
                       help="'synthetic' (scenes with ground truth) or a folder of image folders (one per scene).")(fn)
     fn = click.option("--checkpoint", default=None, help="Full-precision checkpoint (default: embedded vggt-tiny).")(fn)
     return fn
+
+
+def device_options(fn):
+    fn = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
+                      help="Forward dtype of calibration and trials (weights stay fp32 masters). "
+                           "Default: bf16 on CUDA, fp32 on the CPU.")(fn)
+    fn = click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
+                      help="Where calibration and quantization run. Default: cuda when available, else cpu. "
+                           "Under torchrun each rank takes cuda:LOCAL_RANK.")(fn)
+    return fn
+
+
+def resolve_run(device, dtype):
+    """--device/--dtype -> (torch device, torch dtype, shard); joins torchrun's process group if any."""
+    import os
+
+    from ..quant.distributed import init_from_environment
+    from ..quant.forward import resolve_device, resolve_dtype
+
+    if device is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    resolved = resolve_device(device)
+    return resolved, resolve_dtype(dtype, resolved), init_from_environment(resolved)
 
 
 def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
@@ -39,13 +66,18 @@ def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Calibration directory.")
 @click.option("--samples", default=256, show_default=True, help="Input rows kept per linear for the search.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-block sensitivity analysis.")
-def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_dir, samples, no_sensitivity):
-    """Activation statistics, camera tokens and the per-block sensitivity report (cached, resumable)."""
+@device_options
+def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_dir, samples, no_sensitivity,
+              device, dtype):
+    """Activation statistics, camera tokens and the per-block sensitivity report (cached, resumable;
+    data-parallel under torchrun)."""
     from ..quant.calibration_run import calibrate as run_calibrate
 
+    device, dtype, shard = resolve_run(device, dtype)
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
-    result = run_calibrate(model, calib, out_dir, samples, sensitivity=not no_sensitivity)
-    if result.sensitivity:
+    result = run_calibrate(model.to(device), calib, out_dir, samples, sensitivity=not no_sensitivity, dtype=dtype,
+                           shard=shard)
+    if result.sensitivity and shard.is_main:
         worst = sorted(result.sensitivity["blocks"].items(), key=lambda kv: kv[1]["score"], reverse=True)[:5]
         click.echo("most sensitive blocks: " + ", ".join(f"{name} ({e['score']:.3g})" for name, e in worst))
 
@@ -70,24 +102,51 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
 @click.option("--task-topk", default=3, show_default=True, help="Alphas per layer scored by the task loss.")
 @click.option("--targets", default="auto", show_default=True,
               help="auto: ground truth when the calibration set has it; fp: FP model outputs.")
+@click.option("--rounding", default=None, type=click.Choice(["rtn", "gptq"]),
+              help="How scaled weights are rounded (default: the method's own; gptq for --method gptq).")
+@click.option("--fast", is_flag=True, help=f"Preset for large models: {FAST_HELP}.")
+@device_options
 def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_path, method, plan, protect,
              threshold, precision, calib_dir, no_mixed, no_token_filter, no_cic, no_task_aware, grid, task_topk,
-             targets):
-    """Quantize a VGGT checkpoint to W4A16 (QVGGT or a baseline) and write a quantized checkpoint."""
+             targets, rounding, fast, device, dtype):
+    """Quantize a VGGT checkpoint to W4A16 (QVGGT or a baseline) and write a quantized checkpoint.
+
+    Resumable: a killed run continues at the next unfinished block (state in the calibration directory).
+    Data-parallel: `torchrun --nproc-per-node N $(which qvggt-export) quantize ...` shards the calibration
+    scenes over the ranks; the checkpoint is byte-identical to one process."""
     from ..io import write_json
     from ..model import save_quantized
-    from ..quant.quantizer import QuantConfig, quantize_model, weight_bytes
+    from ..quant.quantizer import FAST_PRESET, QuantConfig, quantize_model, weight_bytes
 
+    settings = dict(grid=grid, task_topk=task_topk)
+    if fast:
+        settings.update(FAST_PRESET)
     config = QuantConfig(method=method, mixed=not no_mixed, token_filter=not no_token_filter, cic=not no_cic,
                          task_aware=not no_task_aware, plan=plan, protect=protect, threshold=threshold,
-                         precision=precision, grid=grid, task_topk=task_topk, targets=targets)
+                         precision=precision, targets=targets, rounding=rounding, dtype=dtype, **settings)
     config.validate()  # before the (slow) model and data loading
+    resolved, _, shard = resolve_run(device, dtype)
+    config.device = str(resolved)
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
+    fp16_bytes = weight_bytes(model)
     out_path = Path(out_path)
     calib_dir = Path(calib_dir) if calib_dir else out_path.with_name(out_path.stem + "_calib")
-    qmodel = quantize_model(model, calib, config, calib_dir=calib_dir)
+    reports = []
+    qmodel = quantize_model(model, calib, config, calib_dir=calib_dir, inplace=True, report_out=reports)
+    if not shard.is_main:
+        return
     save_quantized(qmodel, out_path)
+    report = reports[0]
     sidecar = out_path.with_suffix(".json")
     write_json(sidecar, {"plan": qmodel.quant_plan, "quant_info": qmodel.quant_info,
-                         "weight_bytes": {"quantized": weight_bytes(qmodel), "fp16": weight_bytes(model)}})
+                         "weight_bytes": {"quantized": weight_bytes(qmodel), "fp16": fp16_bytes},
+                         "run": run_summary(report, shard)})
+    report.progress.clear()
     click.echo(f"wrote {out_path} and {sidecar}")
+
+
+def run_summary(report, shard) -> dict:
+    """The run's bookkeeping for the sidecar (timings vary run to run, so they stay out of the checkpoint)."""
+    return {"seconds": report.seconds, "block_forwards": report.block_forwards, "peak_rss_gb": report.peak_rss_gb,
+            "peak_cuda_gb": report.peak_cuda_gb, "resumed_blocks": report.resumed_blocks, "processes": shard.world,
+            "fp_task_loss": report.fp_task_loss, "final_task_loss": report.final_task_loss}

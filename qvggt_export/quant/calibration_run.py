@@ -1,11 +1,12 @@
 """The `calibrate` stage: activation statistics, camera tokens and the sensitivity report, cached in a
-run directory and reused (or resumed) when the model and calibration data are unchanged.
+run directory and reused (or resumed) when the model, the calibration data and the settings are unchanged.
 
 Directory layout:
-  manifest.json        identity (model and calibration hashes, settings) and versions
+  manifest.json        identity (content hashes of model and calibration, settings) and versions
   stats.safetensors    per-linear activation statistics, camera tokens, patch-token norm
-  sensitivity.json     per-block and per-linear-type errors against the FP model
+  sensitivity.json     per-linear-type and per-block errors against the FP model
   sensitivity.png      the same as a figure
+Rank 0 alone writes; every rank computes its shard of the scenes (quant/distributed.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..io import atomic_output, sha256_json, write_json
+from ..io import atomic_output, sha256_json, sha256_tensors, write_json
 from ..log import logger
 from .calibration_set import CalibrationSet
-from .objective import check_finite, make_targets, predict
+from .distributed import Shard, barrier, current_shard
+from .forward import LocalScene, make_forward
+from .objective import check_finite, make_targets
 from .sensitivity import save_figure, sensitivity_analysis
 from .stats import ActivationStats, collect_stats
 
@@ -37,53 +40,71 @@ class Calibration:
     sensitivity: dict | None
     identity: dict
     directory: Path | None
+    block_forwards: int = 0  # spent by this run (0 when everything came from the cache)
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Cheap content hash of a model: config plus per-tensor shape and sums (one pass over weights)."""
-    with torch.no_grad():
-        parts = [[k, list(v.shape), float(v.double().sum()), float(v.double().abs().sum())]
-                 for k, v in model.state_dict().items() if v is not None]
-    return sha256_json({"config": getattr(model, "config", None).to_dict(), "tensors": parts})
+    """Content hash of a model: its config and every byte of every tensor."""
+    return sha256_json({"config": getattr(model, "config", None).to_dict(),
+                        "tensors": sha256_tensors((k, v) for k, v in model.state_dict().items() if v is not None)})
+
+
+def local_scenes(calib: CalibrationSet, shard: Shard) -> list[LocalScene]:
+    return [LocalScene(i, calib.scenes[i]) for i in shard.indices(len(calib.scenes))]
 
 
 @torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | None = None,
-              samples_per_linear: int = 256, sensitivity: bool = True, bits: int = 4) -> Calibration:
-    """Runs (or reuses from `out_dir`) the statistics and sensitivity analysis of `model` on `calib`."""
+              samples_per_linear: int = 256, sensitivity: bool = True, bits: int = 4,
+              dtype: torch.dtype = torch.float32, cached: bool = True, shard: Shard | None = None) -> Calibration:
+    """Runs (or reuses from `out_dir`) the statistics and sensitivity analysis of `model` (on its device,
+    forward in `dtype`) on `calib`; `cached` selects the block cache for the sensitivity trials."""
     model = model.eval()
+    shard = shard or current_shard()
     identity = {"model": model_fingerprint(model), "calibration": calib.fingerprint(),
-                "samples_per_linear": samples_per_linear, "bits": bits}
+                "samples_per_linear": samples_per_linear, "bits": bits, "dtype": str(dtype),
+                "qvggt_export": __version__}
     directory = Path(out_dir) if out_dir is not None else None
+    scenes = local_scenes(calib, shard)
+    total = len(calib.scenes)
     stats = _cached_stats(directory, identity)
+    spent = 0
     if stats is None:
-        stats = collect_stats(model, calib, samples_per_linear)
-        if directory is not None:
+        forward = make_forward(model, scenes, dtype, cached=False)
+        try:
+            stats = collect_stats(model, forward, total, shard, samples_per_linear)
+            spent += forward.block_forwards
+        finally:
+            forward.close()
+        if directory is not None and shard.is_main:
             from safetensors.torch import save_file
 
             with atomic_output(directory / STATS_FILE) as tmp:
                 save_file(stats.to_tensors(), str(tmp), metadata={"identity": json.dumps(identity, sort_keys=True)})
     report = None
     if sensitivity:
-        fp_preds = predict(model, calib)
-        check_finite(fp_preds, "the full-precision model")
-        fp_targets = make_targets(calib, fp_preds, use_gt=False)
-        report_path = (directory / SENSITIVITY_FILE) if directory is not None else None
-        if report_path is None:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                report = sensitivity_analysis(model, calib, fp_preds, fp_targets, Path(tmp) / SENSITIVITY_FILE,
-                                              identity, bits)
-        else:
-            report = sensitivity_analysis(model, calib, fp_preds, fp_targets, report_path, identity, bits)
+        forward = make_forward(model, scenes, dtype, cached)
+        try:
+            fp_preds = forward.predict()
+            check_finite(fp_preds, "the full-precision model")
+            fp_targets = make_targets([s.scene for s in scenes], fp_preds, use_gt=False)
+            report_path = (directory / SENSITIVITY_FILE) if directory is not None else None
+            report = sensitivity_analysis(model, forward, fp_preds, fp_targets, shard, total, report_path, identity,
+                                          bits)
+            spent += forward.block_forwards
+            logger.info("sensitivity: %d block-forwards (%s)", forward.block_forwards,
+                        "block cache" if cached else "full model per trial")
+        finally:
+            forward.close()
+        if directory is not None and shard.is_main:
             save_figure(report, directory / FIGURE_FILE)
-    if directory is not None:
+    if directory is not None and shard.is_main:
         write_json(directory / MANIFEST_FILE, {"identity": identity, "calibration": calib.describe(),
                                                "qvggt_export": __version__, "torch": torch.__version__,
                                                "files": [STATS_FILE] + ([SENSITIVITY_FILE, FIGURE_FILE] if report else [])})
         logger.info("calibration written to %s", directory)
-    return Calibration(stats, report, identity, directory)
+    barrier(shard)
+    return Calibration(stats, report, identity, directory, spent)
 
 
 def _cached_stats(directory: Path | None, identity: dict) -> ActivationStats | None:
@@ -93,7 +114,7 @@ def _cached_stats(directory: Path | None, identity: dict) -> ActivationStats | N
 
     with safe_open(str(directory / STATS_FILE), framework="pt") as f:
         if json.loads((f.metadata() or {}).get("identity", "null")) != identity:
-            logger.info("calibration statistics in %s are for another model or data; recomputing", directory)
+            logger.info("calibration statistics in %s are for another model, data or settings; recomputing", directory)
             return None
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     logger.info("reusing activation statistics from %s", directory / STATS_FILE)

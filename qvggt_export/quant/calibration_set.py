@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..io import sha256_json
+from ..io import sha256_json, sha256_tensors
 from ..log import logger
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -50,9 +50,8 @@ class CalibrationSet:
         return all(s.gt is not None for s in self.scenes)
 
     def fingerprint(self) -> str:
-        """Hash of the pixels and settings: cached calibration results are reused only for the same data."""
-        digests = [sha256_json([s.name, list(s.images.shape), float(s.images.double().sum()),
-                                float((s.images.double() ** 2).sum())]) for s in self.scenes]
+        """Hash of the pixels (every byte), ground truth and settings: cached calibration results are reused only for the same data."""
+        digests = [sha256_tensors([(s.name, s.images)] + sorted((s.gt or {}).items())) for s in self.scenes]
         return sha256_json({"source": self.source, "settings": self.settings, "scenes": digests})
 
     def describe(self) -> dict:

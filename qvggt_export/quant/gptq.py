@@ -20,7 +20,7 @@ def hessian_inverse_factor(hessian: Tensor, damping: float = DAMPING) -> Tensor:
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = torch.diag(h).mean()
     for factor in (1, 10, 100, 1000):
         try:
@@ -39,8 +39,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, group_size: in
     n, k = w.shape
     dead = torch.diag(hessian) == 0
     w[:, dead] = 0
-    hinv = hessian_inverse_factor(hessian)
-    scales = torch.empty(n, k // group_size, dtype=torch.float16)
+    hinv = hessian_inverse_factor(hessian.to(w.device))
+    scales = torch.empty(n, k // group_size, dtype=torch.float16, device=w.device)
     out = torch.empty_like(w)
     # Sweep one group at a time: the group's scale is fixed from its current (error-updated) weights.
     for g0 in range(0, k, group_size):

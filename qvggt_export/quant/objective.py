@@ -1,6 +1,7 @@
 """Task losses of the heads (QVGGT's search objective) and fidelity errors against the FP model.
 
-L = L_cam + 0.1 L_depth + 0.1 L_point + L_geo (DESIGN.md): L_cam is a Huber loss on the pose
+L = w_cam L_cam + w_depth L_depth + w_point L_point + w_geo L_geo, all weights 1 by default as in the
+paper ("we assign equal weights"; docs/method.md), configurable through QuantConfig.loss_weights. L_cam is a Huber loss on the pose
 encoding, L_depth / L_point are confidence-weighted errors, L_geo compares the point map with the depth
 unprojected through the predicted cameras. L_geo is measured against the target's own residual (zero
 for exact ground truth; the FP model's inconsistency for pseudo ground truth), so that every part of L
@@ -20,9 +21,10 @@ from torch import Tensor
 from ..errors import QVGGTError
 from ..geometry import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri
 from ..geometry import unproject_depth_map_to_point_map
-from .calibration_set import CalibrationSet
+from .calibration_set import CalibScene
+from .distributed import Shard, gather_in_order
 
-LOSS_WEIGHTS = {"cam": 1.0, "depth": 0.1, "point": 0.1, "geo": 1.0}
+LOSS_WEIGHTS = {"cam": 1.0, "depth": 1.0, "point": 1.0, "geo": 1.0}
 HUBER_DELTA = 0.1
 
 
@@ -42,22 +44,10 @@ def check_finite(preds: list[dict[str, Tensor]], what: str) -> None:
             raise QVGGTError(f"{what} produced NaN/Inf in {key}; the checkpoint or calibration data is broken")
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, calib: CalibrationSet) -> list[dict[str, Tensor]]:
-    """Model outputs per calibration scene (batch dimension removed, float32, on the CPU)."""
-    device = next(model.parameters()).device
-    outputs = []
-    for scene in calib.scenes:
-        preds = model(scene.images.to(device)[None])
-        outputs.append({k: preds[k][0].float().cpu() for k in
-                        ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")})
-    return outputs
-
-
-def make_targets(calib: CalibrationSet, fp_preds: list[dict[str, Tensor]], use_gt: bool = True) -> list[Targets]:
+def make_targets(scenes: list[CalibScene], fp_preds: list[dict[str, Tensor]], use_gt: bool = True) -> list[Targets]:
     """Ground truth where the scene has it (and use_gt), else the FP model's outputs (pseudo ground truth)."""
     targets = []
-    for scene, fp in zip(calib.scenes, fp_preds):
+    for scene, fp in zip(scenes, fp_preds):
         hw = tuple(scene.images.shape[-2:])
         weight = fp["depth_conf"]
         if use_gt and scene.gt is not None:
@@ -103,13 +93,22 @@ def scene_losses(pred: dict[str, Tensor], target: Targets) -> dict[str, float]:
             "geo": float(geo_err[valid].mean())}
 
 
-def task_loss(preds: list[dict[str, Tensor]], targets: list[Targets]) -> tuple[float, dict[str, float]]:
-    """Weighted total and its parts, averaged over scenes."""
+def task_loss(scene_parts: list[dict[str, float]], weights: dict[str, float] | None = None
+              ) -> tuple[float, dict[str, float]]:
+    """Per-scene loss parts (scene_losses, every scene in scene order) -> weighted total and mean parts."""
+    weights = LOSS_WEIGHTS if weights is None else weights
     parts = {k: 0.0 for k in LOSS_WEIGHTS}
-    for pred, target in zip(preds, targets):
-        for k, v in scene_losses(pred, target).items():
-            parts[k] += v / len(preds)
-    return sum(LOSS_WEIGHTS[k] * v for k, v in parts.items()), parts
+    for scene in scene_parts:
+        for k, v in scene.items():
+            parts[k] += v / len(scene_parts)
+    return sum(weights[k] * v for k, v in parts.items()), parts
+
+
+def gathered_task_loss(preds: list[dict[str, Tensor]], targets: list[Targets], shard: Shard, total_scenes: int,
+                       weights: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+    """task_loss over every calibration scene from this rank's predictions (scene order on every rank)."""
+    local = [scene_losses(p, t) for p, t in zip(preds, targets)]
+    return task_loss(gather_in_order(local, shard, total_scenes), weights)
 
 
 def _rotation_angle_deg(r_a: Tensor, r_b: Tensor) -> Tensor:
@@ -118,21 +117,27 @@ def _rotation_angle_deg(r_a: Tensor, r_b: Tensor) -> Tensor:
     return torch.rad2deg(2 * torch.atan2(q[..., :3].norm(dim=-1), q[..., 3].abs()))
 
 
+def scene_fidelity(pred: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, float]:
+    """Each head's error against reference (FP) predictions on one scene: camera rotation error (deg, per
+    frame), camera translation error (relative to the scene scale), depth AbsRel, point error (relative to
+    the scene scale)."""
+    hw = tuple(pred["depth"].shape[1:3])
+    e_pred, _ = pose_encoding_to_extri_intri(pred["pose_enc"].double(), hw)
+    e_ref, _ = pose_encoding_to_extri_intri(ref["pose_enc"].double(), hw)
+    scale = ref["world_points"].norm(dim=-1).mean().clamp_min(1e-8).double()
+    return {"camera_rot_deg": float(_rotation_angle_deg(e_pred[..., :3], e_ref[..., :3]).mean()),
+            "camera_trans": float(((e_pred[..., 3] - e_ref[..., 3]).norm(dim=-1) / scale).mean()),
+            "depth_absrel": float(((pred["depth"] - ref["depth"]).abs() / ref["depth"].abs().clamp_min(1e-8)).mean()),
+            "point_rel": float((pred["world_points"] - ref["world_points"]).norm(dim=-1).mean() / scale)}
+
+
+def mean_fidelity(per_scene: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(f[k] for f in per_scene) / len(per_scene) for k in per_scene[0]}
+
+
 def fidelity(preds: list[dict[str, Tensor]], refs: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Each head's error against reference (FP) predictions, averaged over scenes:
-    camera rotation error (deg, per frame), camera translation error (relative to the scene scale),
-    depth AbsRel, point error (relative to the scene scale)."""
-    out = {"camera_rot_deg": 0.0, "camera_trans": 0.0, "depth_absrel": 0.0, "point_rel": 0.0}
-    for pred, ref in zip(preds, refs):
-        hw = tuple(pred["depth"].shape[1:3])
-        e_pred, _ = pose_encoding_to_extri_intri(pred["pose_enc"].double(), hw)
-        e_ref, _ = pose_encoding_to_extri_intri(ref["pose_enc"].double(), hw)
-        scale = ref["world_points"].norm(dim=-1).mean().clamp_min(1e-8).double()
-        out["camera_rot_deg"] += float(_rotation_angle_deg(e_pred[..., :3], e_ref[..., :3]).mean())
-        out["camera_trans"] += float(((e_pred[..., 3] - e_ref[..., 3]).norm(dim=-1) / scale).mean())
-        out["depth_absrel"] += float(((pred["depth"] - ref["depth"]).abs() / ref["depth"].abs().clamp_min(1e-8)).mean())
-        out["point_rel"] += float((pred["world_points"] - ref["world_points"]).norm(dim=-1).mean() / scale)
-    return {k: v / len(preds) for k, v in out.items()}
+    """scene_fidelity averaged over scenes."""
+    return mean_fidelity([scene_fidelity(p, r) for p, r in zip(preds, refs)])
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:

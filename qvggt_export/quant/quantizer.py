@@ -1,17 +1,23 @@
-"""One generic quantizer for every method: rtn | awq | gptq | qvggt.
+"""One generic quantizer for every method, as a pipeline of named steps:
 
-The model is processed a block at a time in execution order (arch.quant_blocks). Per block, the scale
-groups (arch.SCALE_GROUPS) are searched and folded, then the block's planned linears are fake-quantized
-in place, so later blocks' task-loss evaluations see the already-quantized earlier ones. Packing into
-QuantLinear modules is a separate last step that reuses the exact scales of the search.
+  plan -> calibration (statistics, sensitivity) -> targets (the FP predictions) -> CIC token
+  -> per block, in execution order: search scales -> round -> save progress -> advance the block cache
+  -> pack into QuantLinear modules -> check -> report
 
-QVGGT = AWQ-style scale search + mixed precision + token filtering + CIC + task-aware search; with all
-four parts switched off it is AWQ.
+What a method does is data (`Method`): whether it searches AWQ scales, how it rounds (RTN or GPTQ), and
+which QVGGT components it may switch on. QVGGT = AWQ-style scale search + mixed precision + token
+filtering + CIC + task-aware search; with all four switched off it is AWQ. A new method is one more
+`Method` entry (docs/method.md, "Adding a quantization method").
+
+Trials run on the block cache (quant/forward.py): a reconstruction candidate needs only the layer's
+sampled inputs, a task-aware candidate re-runs only the blocks from the current one and the heads.
+Weights are always the fp32 masters; the forward runs in QuantConfig.dtype on QuantConfig.device.
 """
 
 from __future__ import annotations
 
 import copy
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,20 +26,44 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .. import arch
+from .. import __version__, arch
 from ..errors import InputError
 from ..log import logger
+from .calibration_run import Calibration, calibrate, local_scenes
 from .calibration_set import CalibrationSet
-from .calibration_run import Calibration, calibrate
 from .cic import DEFAULT_COMPONENTS, cic_token
+from .distributed import Shard, current_shard, sum_in_order
+from .forward import DTYPES, FullModelForward, make_forward, resolve_device, resolve_dtype
 from .gptq import gptq_quantize
 from .linear import QuantLinear
-from .objective import check_finite, make_targets, predict, task_loss
+from .modules import replace_module, restore, snapshot
+from .objective import LOSS_WEIGHTS, Targets, check_finite, gathered_task_loss, make_targets
 from .plan import auto_plan, paper_plan, quantized_layers, read_plan_file, summarize, uniform_plan
-from .scale import (apply_scale, candidate_scales, fake_quantize_with_scales, reconstruction_error, restore,
-                    replace_module, snapshot)
+from .progress import QuantizeProgress
+from .scale import apply_scale, candidate_scales, fake_quantize_with_scales, reconstruction_error
 
-METHODS = ("rtn", "awq", "gptq", "qvggt")
+COMPONENTS = ("mixed", "token_filter", "cic", "task_aware")
+# `--fast`: fewer scale candidates and task-aware trials (the trials dominate the time on VGGT-1B).
+FAST_PRESET = {"grid": 6, "task_topk": 2}
+ROUNDINGS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    scale_search: bool  # AWQ-style per-channel scales, searched per scale group (arch.SCALE_GROUPS)
+    rounding: str  # default rounding of the (scaled) weights: "rtn" | "gptq"
+    components: tuple[str, ...]  # QVGGT components this method may switch on
+    summary: str
+
+
+METHODS = {m.name: m for m in (
+    Method("rtn", False, "rtn", (), "round to nearest, group-wise symmetric"),
+    Method("awq", True, "rtn", (), "AWQ scale search on the layer reconstruction error, then RTN"),
+    Method("gptq", False, "gptq", (), "GPTQ rounding with error feedback through the inverse Hessian"),
+    Method("qvggt", True, "rtn", COMPONENTS, "AWQ scale search + mixed precision, token filtering, CIC and the "
+                                             "task-aware search"),
+)}
 
 
 @dataclass
@@ -51,6 +81,11 @@ class QuantConfig:
     task_topk: int = 3  # alphas per scale group (best by reconstruction) scored by the task loss
     targets: str = "auto"  # "auto" (ground truth when the calibration set has it) | "fp"
     cic_components: int = DEFAULT_COMPONENTS
+    rounding: str | None = None  # None: the method's own
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict(LOSS_WEIGHTS))
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # forward dtype; None: bf16 on CUDA, fp32 on the CPU
+    block_cache: bool = True  # False: every trial runs the whole model (the reference path)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -61,23 +96,35 @@ class QuantConfig:
             raise InputError(f"--task-topk must be at least 1, got {self.task_topk}")
         if self.targets not in ("auto", "fp"):
             raise InputError(f"--targets must be auto or fp, got {self.targets!r}")
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
+            raise InputError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if set(self.loss_weights) != set(LOSS_WEIGHTS) or any(w < 0 for w in self.loss_weights.values()):
+            raise InputError(f"loss weights must give each of {', '.join(LOSS_WEIGHTS)} a weight >= 0")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @property
-    def parts(self) -> dict[str, bool]:
-        """Which method components are in effect."""
-        qvggt = self.method == "qvggt"
-        return {"scale_search": self.method in ("awq", "qvggt"), "gptq": self.method == "gptq",
-                "mixed": qvggt and self.mixed, "token_filter": qvggt and self.token_filter,
-                "cic": qvggt and self.cic, "task_aware": qvggt and self.task_aware}
+    def parts(self) -> dict:
+        """Which method steps and components are in effect."""
+        method = METHODS[self.method]
+        on = {c: c in method.components and getattr(self, c) for c in COMPONENTS}
+        return {"scale_search": method.scale_search, "rounding": self.rounding or method.rounding, **on}
 
 
 @dataclass
 class QuantReport:
+    """Bookkeeping of one run (not part of the checkpoint, whose bytes depend only on the result)."""
+
     plan_summary: str
     layers: dict[str, dict] = field(default_factory=dict)
     fp_task_loss: float | None = None
     final_task_loss: float | None = None
-    seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    block_forwards: dict[str, int] = field(default_factory=dict)  # per stage
+    peak_rss_gb: float = 0.0
+    peak_cuda_gb: float | None = None
+    resumed_blocks: int = 0
+    progress: QuantizeProgress | None = None  # the per-block state; clear() it once the checkpoint is saved
 
 
 def plan_choice(config: QuantConfig) -> str:
@@ -85,141 +132,202 @@ def plan_choice(config: QuantConfig) -> str:
 
 
 def resolve_plan(model: nn.Module, config: QuantConfig, calibration: Calibration | None) -> dict:
-    bits_precision = config.precision
     choice = plan_choice(config)
     if choice == "uniform":
-        return uniform_plan(model, bits_precision)
+        return uniform_plan(model, config.precision)
     if choice == "paper":
-        return paper_plan(model, bits_precision)
+        return paper_plan(model, config.precision)
     if choice == "auto":
         if calibration is None or calibration.sensitivity is None:
             raise InputError("--plan auto needs the sensitivity analysis (calibrate without --no-sensitivity)")
-        return auto_plan(model, calibration.sensitivity, config.protect, config.threshold, bits_precision)
+        return auto_plan(model, calibration.sensitivity, config.protect, config.threshold, config.precision)
     return read_plan_file(model, Path(choice))
 
 
-class _Quantizer:
-    def __init__(self, model: nn.Module, calib: CalibrationSet, calibration: Calibration, plan: dict,
-                 config: QuantConfig, targets, report: QuantReport) -> None:
-        self.model, self.calib, self.calibration = model, calib, calibration
-        self.plan, self.config, self.targets, self.report = plan, config, targets, report
+class BlockQuantizer:
+    """The per-block steps: scale search per scale group, rounding, on the block cache."""
+
+    def __init__(self, model: nn.Module, forward: FullModelForward, calibration: Calibration, plan: dict,
+                 config: QuantConfig, targets: list[Targets], shard: Shard, total_scenes: int) -> None:
+        self.model, self.forward, self.calibration = model, forward, calibration
+        self.config, self.targets, self.shard, self.total = config, targets, shard, total_scenes
+        self.parts = config.parts
         self.bits = quantized_layers(plan)
         self.qscales: dict[str, Tensor] = {}
+        self.entries: dict[str, dict] = {}
+
+    def planned(self, block: str) -> list[str]:
+        return [f"{block}.{t}" for t in arch.LINEAR_TYPES if f"{block}.{t}" in self.bits]
 
     def task_loss(self) -> float:
-        return task_loss(predict(self.model, self.calib), self.targets)[0]
+        return gathered_task_loss(self.forward.predict(), self.targets, self.shard, self.total,
+                                  self.config.loss_weights)[0]
 
-    def _fake_quantize(self, names) -> None:
+    def fake_quantize(self, names: list[str]) -> None:
         with torch.no_grad():
             for name in names:
                 weight = self.model.get_submodule(name).weight
                 wq, self.qscales[name] = fake_quantize_with_scales(weight, self.bits[name])
                 weight.copy_(wq)
 
-    def search_group(self, block: str, group: arch.ScaleGroup) -> None:
-        layers = [f"{block}.{n}" for n in group.layers]
+    def search_group(self, block: arch.BlockSpec, group: arch.ScaleGroup) -> None:
+        layers = [f"{block.name}.{n}" for n in group.layers]
         if not all(n in self.bits for n in layers):
             return  # a full-precision layer gains nothing from scaling
-        parts = self.config.parts
+        filtered = self.parts["token_filter"]
         stats = [self.calibration.stats.linears[n] for n in layers]
-        absmean = sum(s.absmean_image if parts["token_filter"] else s.absmean_all for s in stats)
+        absmean = sum(s.absmean_image if filtered else s.absmean_all for s in stats)
+        device = next(self.model.parameters()).device
+        samples = [(s.samples_image if filtered else s.samples_all).float().to(device) for s in stats]
         alphas = [i / (self.config.grid - 1) for i in range(self.config.grid)]
         recon = {}
         for alpha in alphas:
-            s = candidate_scales(absmean, alpha)
-            recon[alpha] = sum(reconstruction_error(self.model.get_submodule(n).weight, (
-                st.samples_image if parts["token_filter"] else st.samples_all).float(), s, self.bits[n])
-                for n, st in zip(layers, stats)) / len(layers)
+            s = candidate_scales(absmean, alpha).to(device)
+            recon[alpha] = sum(reconstruction_error(self.model.get_submodule(n).weight, x, s, self.bits[n])
+                               for n, x in zip(layers, samples)) / len(layers)
         scores = dict(recon)
-        prev = f"{block}.{group.prev_op}"
-        if parts["task_aware"]:
+        prev = f"{block.name}.{group.prev_op}"
+        if self.parts["task_aware"]:
             scores = {}
             for alpha in sorted(recon, key=recon.get)[: self.config.task_topk]:
                 saved = snapshot(self.model, [prev] + layers)
                 apply_scale(self.model, prev, layers, group.fold, candidate_scales(absmean, alpha))
-                self._fake_quantize(layers)
+                self.fake_quantize(layers)
                 scores[alpha] = self.task_loss() + recon[alpha]
                 restore(self.model, saved)
         best = min(scores, key=scores.get)
         apply_scale(self.model, prev, layers, group.fold, candidate_scales(absmean, best))
         for n in layers:
-            self.report.layers[n] = {"alpha": best, "recon": recon[best], "recon_alpha0": recon[0.0],
-                                     "score": scores[best]}
+            self.entries[n] = {"alpha": best, "recon": recon[best], "recon_alpha0": recon[0.0], "score": scores[best]}
 
-    def gptq_block(self, block: str) -> None:
-        layers = [f"{block}.{t}" for t in arch.LINEAR_TYPES if f"{block}.{t}" in self.bits]
-        hessians: dict[str, Tensor] = {}
+    def round_rtn(self, block: arch.BlockSpec) -> None:
+        self.fake_quantize(self.planned(block.name))
+
+    def round_gptq(self, block: arch.BlockSpec) -> None:
+        layers = self.planned(block.name)
+        per_scene: dict[str, dict[int, Tensor]] = {n: {} for n in layers}
 
         def hook(name):
             def accumulate(module, args):
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
-                hessians[name] = hessians.get(name, 0) + x.t() @ x
+                x = args[0].detach().float()
+                if getattr(module, "input_scale", None) is not None:  # what the (scaled) weight really sees
+                    x = x * module.input_scale.float()
+                x = x.reshape(-1, x.shape[-1])
+                scene = self.forward.current_scene
+                h = x.t() @ x
+                per_scene[name][scene] = per_scene[name][scene] + h if scene in per_scene[name] else h
             return accumulate
 
         handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
         try:
-            predict(self.model, self.calib)
+            self.forward.exercise(block)
         finally:
             for h in handles:
                 h.remove()
         with torch.no_grad():
             for name in layers:
+                scenes = per_scene[name]
+                hessian = sum_in_order([scenes[i] for i in sorted(scenes)], self.shard, self.total)
                 weight = self.model.get_submodule(name).weight
-                wq, self.qscales[name] = gptq_quantize(weight, hessians[name], self.bits[name])
+                wq, self.qscales[name] = gptq_quantize(weight, hessian, self.bits[name])
                 weight.copy_(wq.to(weight.dtype))
-                self.report.layers[name] = {"method": "gptq"}
+                self.entries.setdefault(name, {})["rounding"] = "gptq"
 
-    def run(self) -> None:
-        parts = self.config.parts
-        for block in tqdm([b.name for b in arch.quant_blocks(self.model)], desc=f"quantize ({self.config.method})",
-                          unit="block"):
-            if parts["gptq"]:
-                self.gptq_block(block)
-                continue
-            if parts["scale_search"]:
-                for group in arch.SCALE_GROUPS:
-                    self.search_group(block, group)
-            self._fake_quantize([f"{block}.{t}" for t in arch.LINEAR_TYPES if f"{block}.{t}" in self.bits])
+    def quantize_block(self, block: arch.BlockSpec) -> dict[str, dict]:
+        """Runs the method's steps on one block; returns the block's report entries."""
+        self.entries = {}
+        if self.parts["scale_search"]:
+            for group in arch.SCALE_GROUPS:
+                self.search_group(block, group)
+        (self.round_gptq if self.parts["rounding"] == "gptq" else self.round_rtn)(block)
+        return dict(self.entries)
 
     def pack(self) -> None:
         for name, bits in self.bits.items():
             linear = self.model.get_submodule(name)
-            replace_module(self.model, name, QuantLinear.from_linear(linear, bits, name=name,
-                                                                      scales=self.qscales[name]))
+            replace_module(self.model, name, QuantLinear.from_linear(linear, bits, name=name, scales=self.qscales[name]))
+
+
+def _peak_memory(device: torch.device) -> tuple[float, float | None]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return rss, cuda
 
 
 @torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConfig | None = None,
-                   calibration: Calibration | None = None, calib_dir: str | Path | None = None) -> nn.Module:
-    """Full-precision VGGT -> quantized copy (QuantLinear modules; `quant_plan` and `quant_info` set)."""
+                   calibration: Calibration | None = None, calib_dir: str | Path | None = None,
+                   inplace: bool = False, report_out: list | None = None) -> nn.Module:
+    """Full-precision VGGT -> quantized model (QuantLinear modules; `quant_plan` and `quant_info` set).
+
+    `inplace` quantizes `model_fp` itself (one fp32 copy of the model in memory); otherwise a copy.
+    With `calib_dir`, the calibration and the per-block progress live there and a killed run resumes.
+    `report_out`, if given, receives the QuantReport (timings, block-forwards, peak memory)."""
     config = config or QuantConfig()
     config.validate()
-    start = time.perf_counter()
+    clock = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    shard = current_shard()
     parts = config.parts
     # A plan that does not need the sensitivity report is checked before any work or output.
     needs_sensitivity = plan_choice(config) == "auto"
     plan = None if needs_sensitivity else resolve_plan(model_fp, config, None)
+    model = (model_fp if inplace else copy.deepcopy(model_fp)).float().eval().to(device)
+    report = QuantReport("")
     if calibration is None:
-        calibration = calibrate(model_fp, calib, calib_dir, sensitivity=needs_sensitivity)
-    plan = plan or resolve_plan(model_fp, config, calibration)
-    model = copy.deepcopy(model_fp).float().eval()
-    logger.info(summarize(plan))
-    fp_preds = predict(model_fp, calib)
-    check_finite(fp_preds, "the full-precision model")
-    use_gt = config.targets == "auto" and calib.has_ground_truth
-    targets = make_targets(calib, fp_preds, use_gt=use_gt)
-    report = QuantReport(summarize(plan))
-    cic = None
-    if parts["cic"]:
-        cic = cic_token(calibration.stats.camera_tokens, calibration.stats.patch_token_norm, config.cic_components)
-        arch.set_extra_camera_tokens(model, cic.token.to(next(model.parameters()).device))
-    quantizer = _Quantizer(model, calib, calibration, plan, config, targets, report)
-    if parts["task_aware"]:
-        report.fp_task_loss = task_loss(fp_preds, targets)[0]
-    quantizer.run()
-    quantizer.pack()
-    check_finite(predict(model, calib), "the quantized model")
-    report.seconds = time.perf_counter() - start
+        calibration = calibrate(model, calib, calib_dir, sensitivity=needs_sensitivity, dtype=dtype,
+                                cached=config.block_cache, shard=shard)
+        report.block_forwards["calibrate"] = calibration.block_forwards
+        report.seconds["calibrate"] = time.perf_counter() - clock
+    plan = plan or resolve_plan(model, config, calibration)
+    report.plan_summary = summarize(plan)
+    logger.info(report.plan_summary)
+    scenes = local_scenes(calib, shard)
+    total = len(calib.scenes)
+    forward = make_forward(model, scenes, dtype, config.block_cache)
+    try:
+        stage = time.perf_counter()
+        fp_preds = forward.predict()
+        check_finite(fp_preds, "the full-precision model")
+        use_gt = config.targets == "auto" and calib.has_ground_truth
+        targets = make_targets([s.scene for s in scenes], fp_preds, use_gt=use_gt)
+        if parts["task_aware"]:
+            report.fp_task_loss = gathered_task_loss(fp_preds, targets, shard, total, config.loss_weights)[0]
+        cic = None
+        if parts["cic"]:
+            cic = cic_token(calibration.stats.camera_tokens, calibration.stats.patch_token_norm, config.cic_components)
+            arch.set_extra_camera_tokens(model, cic.token.to(device))
+        report.seconds["targets"] = time.perf_counter() - stage
+        stage, forwards_before = time.perf_counter(), forward.block_forwards
+        progress = QuantizeProgress(calib_dir, {"calibration": calibration.identity, "plan": plan,
+                                                "config": asdict(config), "qvggt_export": __version__},
+                                    writer=shard.is_main)
+        quantizer = BlockQuantizer(model, forward, calibration, plan, config, targets, shard, total)
+        blocks = arch.quant_blocks(model)
+        for block in tqdm(blocks, desc=f"quantize ({config.method})", unit="block", disable=not shard.is_main):
+            if progress.is_done(block.name):
+                quantizer.qscales.update(progress.load_block(model, block.name))
+                report.resumed_blocks += 1
+            else:
+                entries = quantizer.quantize_block(block)
+                progress.save_block(model, block.name, {n: quantizer.qscales[n] for n in quantizer.planned(block.name)},
+                                    entries)
+            report.layers.update(progress.done[block.name])
+            forward.advance(block)
+        report.seconds["blocks"] = time.perf_counter() - stage
+        report.block_forwards["quantize"] = forward.block_forwards - forwards_before
+        stage = time.perf_counter()
+        quantizer.pack()
+        final = forward.predict()
+        check_finite(final, "the quantized model")
+        if parts["task_aware"]:
+            report.final_task_loss = gathered_task_loss(final, targets, shard, total, config.loss_weights)[0]
+        report.seconds["pack+check"] = time.perf_counter() - stage
+    finally:
+        forward.close()
+    report.seconds["total"] = time.perf_counter() - clock
+    report.peak_rss_gb, report.peak_cuda_gb = _peak_memory(device)
     model.quant_plan = plan
     model.quant_info = {
         "method": config.method, "parts": parts, "config": asdict(config), "calibration": calib.describe(),
@@ -227,10 +335,24 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
         "cic": None if cic is None else {"k": cic.k, "patch_token_norm": cic.patch_token_norm,
                                          "camera_tokens": cic.num_tokens,
                                          "explained_variance": float(cic.explained_variance.sum())},
-        "layers": report.layers, "seconds": report.seconds,
+        "layers": report.layers,
     }
-    logger.info("quantized with %s in %.1f s", config.method, report.seconds)
+    report.progress = progress
+    _log_report(report, config, shard)
+    if report_out is not None:
+        report_out.append(report)
     return model
+
+
+def _log_report(report: QuantReport, config: QuantConfig, shard: Shard) -> None:
+    if not shard.is_main:
+        return
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    forwards = ", ".join(f"{k} {v}" for k, v in report.block_forwards.items())
+    cuda = "" if report.peak_cuda_gb is None else f", CUDA peak {report.peak_cuda_gb:.2f} GB"
+    logger.info("quantized with %s: %s; block-forwards: %s; peak RSS %.2f GB%s%s", config.method, stages,
+                forwards, report.peak_rss_gb, cuda,
+                f"; resumed {report.resumed_blocks} block(s)" if report.resumed_blocks else "")
 
 
 def weight_bytes(model: nn.Module, quantizable_only: bool = True) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .linear import PrescaledLinear
+from .modules import replace_module
 from .objective import relative_error
 from .pack import GROUP_SIZE, dequantize, quantize
 
@@ -41,11 +42,6 @@ def reconstruction_error(weight: Tensor, x: Tensor, s: Tensor, bits: int, group_
     return relative_error((x / s[None, :]) @ wq.t(), ref)
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 @torch.no_grad()
 def apply_scale(model: nn.Module, prev_op: str, layers: list[str], fold: str, s: Tensor) -> None:
     """Folds scale s into `layers` (columns times s) and its inverse into `prev_op` (exactly)."""
@@ -70,19 +66,3 @@ def apply_scale(model: nn.Module, prev_op: str, layers: list[str], fold: str, s:
             replace_module(model, name, linear)
             linear.input_scale.div_(s.to(linear.input_scale.dtype))
         linear.weight.mul_(s[None, :].to(linear.weight.dtype))
-
-
-def snapshot(model: nn.Module, names: list[str]) -> dict[str, dict[str, Tensor]]:
-    """Copies of the parameters and buffers of modules, to undo a trial scale or fake quantization."""
-    return {n: {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()} for n in names}
-
-
-def restore(model: nn.Module, saved: dict[str, dict[str, Tensor]]) -> None:
-    for name, state in saved.items():
-        module = model.get_submodule(name)
-        if "input_scale" not in state and isinstance(module, PrescaledLinear):
-            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            plain.to(module.weight.device, module.weight.dtype)
-            replace_module(model, name, plain)
-            module = plain
-        module.load_state_dict(state)

@@ -1,9 +1,10 @@
-"""Sensitivity analysis: RTN-quantize one block (or one linear type across all blocks) at a time and
+"""Sensitivity analysis: RTN-quantize one linear type across all blocks, then one block, at a time, and
 measure each head's error against the full-precision model.
 
 The score of an entry is the increase of the task loss L (objective.py) with the FP model's own
-outputs as targets: a fidelity measure that does not depend on how good the model is. Results are
-written after every entry, so a killed run resumes where it stopped.
+outputs as targets: a fidelity measure that does not depend on how good the model is. Trials run on the
+block cache (quant/forward.py): a block's trial re-runs only the blocks from it on. Results are written
+after every entry, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,59 +20,67 @@ from tqdm import tqdm
 from .. import arch
 from ..io import write_json
 from ..log import logger
-from .calibration_set import CalibrationSet
-from .objective import Targets, fidelity, predict, task_loss
-from .scale import fake_quantize_with_scales, restore, snapshot
+from .distributed import Shard, gather_in_order
+from .forward import FullModelForward
+from .modules import restore, snapshot
+from .objective import Targets, gathered_task_loss, mean_fidelity, scene_fidelity
+from .scale import fake_quantize_with_scales
 
 SCORE = "task loss increase vs FP outputs (RTN W4 g128)"
 
 
 @torch.no_grad()
-def _rtn_trial(model: nn.Module, linears: list[str], bits: int, calib: CalibrationSet):
+def _rtn_trial(model: nn.Module, linears: list[str], bits: int, forward: FullModelForward):
     saved = snapshot(model, linears)
     try:
         for name in linears:
             weight = model.get_submodule(name).weight
             weight.copy_(fake_quantize_with_scales(weight, bits)[0])
-        return predict(model, calib)
+        return forward.predict()
     finally:
         restore(model, saved)
 
 
-def sensitivity_analysis(model: nn.Module, calib: CalibrationSet, fp_preds: list, fp_targets: list[Targets],
-                         path: Path, identity: dict, bits: int = 4) -> dict:
-    """Fills (or resumes) the report at `path`; `identity` (model and calibration hashes) decides
-    whether a cached partial report belongs to this run."""
-    path = Path(path)
+def sensitivity_analysis(model: nn.Module, forward: FullModelForward, fp_preds: list, fp_targets: list[Targets],
+                         shard: Shard, total_scenes: int, path: Path | None, identity: dict, bits: int = 4) -> dict:
+    """Fills (or resumes) the report at `path` (rank 0 writes it); `identity` (model and calibration hashes)
+    decides whether a cached partial report belongs to this run. `forward` must be at the first block."""
     report = None
-    if path.is_file():
-        cached = json.loads(path.read_text())
+    if path is not None and Path(path).is_file():
+        cached = json.loads(Path(path).read_text())
         if cached.get("identity") == identity:
             report = cached
             logger.info("sensitivity: resuming %s (%d blocks, %d types done)", path, len(cached["blocks"]),
                         len(cached["linear_types"]))
     if report is None:
-        base, parts = task_loss(fp_preds, fp_targets)
+        base, parts = gathered_task_loss(fp_preds, fp_targets, shard, total_scenes)
         report = {"identity": identity, "score": SCORE, "complete": False, "fp": {"task_loss": base, "parts": parts},
                   "heads": {h: list(v) for h, v in arch.heads_reading(model).items()},
                   "blocks": {}, "linear_types": {}}
     base = report["fp"]["task_loss"]
-    jobs = [("blocks", b.name, [f"{b.name}.{t}" for t in arch.LINEAR_TYPES]) for b in arch.quant_blocks(model)]
     all_linears = arch.quantizable_linears(model)
-    jobs += [("linear_types", t, [n for n in all_linears if arch.linear_type(n) == t]) for t in arch.LINEAR_TYPES]
-    todo = [job for job in jobs if job[1] not in report[job[0]]]
-    for section, key, linears in tqdm(todo, desc="sensitivity", unit="trial"):
-        start = time.perf_counter()
-        preds = _rtn_trial(model, linears, bits, calib)
-        loss, parts = task_loss(preds, fp_targets)
-        report[section][key] = {"score": loss - base, "task_loss": loss, "parts": parts,
-                                "fidelity": fidelity(preds, fp_preds), "seconds": time.perf_counter() - start}
-        write_json(path, report)
+    # Linear types first: their trials touch every block, so they run while the cache is at the start.
+    jobs = [("linear_types", t, [n for n in all_linears if arch.linear_type(n) == t], None) for t in arch.LINEAR_TYPES]
+    jobs += [("blocks", b.name, [f"{b.name}.{t}" for t in arch.LINEAR_TYPES], b) for b in arch.quant_blocks(model)]
+    todo = sum(job[1] not in report[job[0]] for job in jobs)
+    with tqdm(total=todo, desc="sensitivity", unit="trial", disable=not shard.is_main) as bar:
+        for section, key, linears, block in jobs:
+            if key not in report[section]:
+                start = time.perf_counter()
+                preds = _rtn_trial(model, linears, bits, forward)
+                loss, parts = gathered_task_loss(preds, fp_targets, shard, total_scenes)
+                per_scene = gather_in_order([scene_fidelity(p, r) for p, r in zip(preds, fp_preds)], shard, total_scenes)
+                report[section][key] = {"score": loss - base, "task_loss": loss, "parts": parts,
+                                        "fidelity": mean_fidelity(per_scene), "seconds": time.perf_counter() - start}
+                if path is not None and shard.is_main:
+                    write_json(path, report)
+                bar.update()
+            if block is not None:
+                forward.advance(block)  # the block stays full precision: later trials see it as FP
     report["complete"] = True
-    write_json(path, report)
+    if path is not None and shard.is_main:
+        write_json(path, report)
     return report
-
-
 def save_figure(report: dict, path: Path) -> Path:
     """PNG: per-block heat map of each head's error and the score, and bars per linear type."""
     import matplotlib
