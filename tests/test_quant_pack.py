@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import quant_helpers  # noqa: F401  (thread setting)
 from qvggt_export.quant.linear import PrescaledLinear, QuantLinear
-from qvggt_export.quant.pack import pack_int4, unpack_int4, unpack_weight
+from qvggt_export.quant.pack import pack_int4, pack_nibbles, unpack_int4, unpack_nibbles, unpack_weight
 
 
 def test_int4_codes_survive_pack_unpack_and_use_the_canonical_nibble_order():
@@ -54,3 +54,12 @@ def test_quant_linear_forward_is_dequantize_then_matmul_with_the_input_scale():
 def test_quant_linear_rejects_k_not_multiple_of_group():
     with pytest.raises(ValueError, match="multiple of group_size"):
         QuantLinear(100, 8)
+
+
+def test_nibble_codec_puts_element_2i_in_the_low_nibble_and_inverts_exactly():
+    nibbles = torch.tensor([[1, 2, 15, 0], [7, 8, 9, 10]], dtype=torch.uint8)
+    packed = pack_nibbles(nibbles)
+    assert packed.tolist() == [[0x21, 0x0F], [0x87, 0xA9]]
+    assert torch.equal(unpack_nibbles(packed), nibbles)
+    with pytest.raises(ValueError, match="even"):
+        pack_nibbles(torch.zeros(2, 3, dtype=torch.uint8))

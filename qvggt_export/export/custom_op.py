@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quant.pack import unpack_weight
+
 DOMAIN = "qvggt"
 OP_TYPE = "W4A16MatMul"
 OPSET_VERSION = 1
@@ -56,14 +58,16 @@ def _register_schema() -> None:
 _register_schema()
 
 
+def dequantize_node_weight(weight: Tensor, scales: Tensor, bits: int, group_size: int,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """The node's W input (INT8: packed canonical bytes for bits 4, codes for bits 8) and scales -> W [N, K]."""
+    return unpack_weight(weight.view(torch.uint8) if bits == 4 else weight, scales, bits, group_size, dtype)
+
+
 @torch.library.custom_op("qvggt::w4a16_matmul", mutates_args=())
 def w4a16_matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor], K: int, N: int,
                  group_size: int, bits: int, layer: str, block: str, precision: str) -> Tensor:
-    from ..quant.pack import unpack_weight
-
-    packed = weight.view(torch.uint8) if bits == 4 else weight
-    w = unpack_weight(packed, scales, bits, group_size, x.dtype)
-    return F.linear(x, w, bias)
+    return F.linear(x, dequantize_node_weight(weight, scales, bits, group_size, x.dtype), bias)
 
 
 @w4a16_matmul.register_fake
@@ -91,17 +95,6 @@ def translation_table():
 # NumPy reference of the node (canonical layout), the ground truth for lowerings and the plugin.
 
 
-def dequantize_reference(weight: np.ndarray, scales: np.ndarray, bits: int, group_size: int) -> np.ndarray:
-    """INT8 node weight + fp16 scales -> float32 W [N, K]."""
-    if bits == 4:
-        u = weight.view(np.uint8)
-        q = np.stack([(u & 0x0F).astype(np.int8) - 8, (u >> 4).astype(np.int8) - 8], axis=-1)
-        q = q.reshape(u.shape[0], u.shape[1] * 2)
-    else:
-        q = weight.astype(np.int8)
-    return q.astype(np.float32) * np.repeat(scales.astype(np.float32), group_size, axis=1)
-
-
 def w4a16_matmul_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, bias: np.ndarray | None,
                            *, K: int, N: int, group_size: int, bits: int, layout: str = CANONICAL,
                            **annotations) -> np.ndarray:
@@ -109,7 +102,7 @@ def w4a16_matmul_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray
         raise ValueError(f"the reference reads the canonical layout, not {layout!r}")
     if x.shape[-1] != K:
         raise ValueError(f"X has {x.shape[-1]} features, node says K={K}")
-    w = dequantize_reference(weight, scales, bits, group_size)
+    w = dequantize_node_weight(torch.tensor(weight), torch.tensor(scales), bits, group_size).numpy()
     if w.shape != (N, K):
         raise ValueError(f"weight decodes to {w.shape}, node says N={N}, K={K}")
     y = x.astype(np.float32) @ w.T

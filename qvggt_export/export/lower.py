@@ -10,9 +10,11 @@ shape inference.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import InputError, QVGGTError
 from ..log import logger
+from ..quant.pack import pack_nibbles, unpack_int4
 from . import custom_op
 from .onnx_io import load_onnx, save_proto
 
@@ -35,8 +37,7 @@ def _codes(node) -> np.ndarray:
     w = node.inputs[1].values
     if bits == 8:
         return w.reshape(N, K)
-    u = w.view(np.uint8).reshape(N, K // 2)
-    return np.stack([(u & 0x0F).astype(np.int8) - 8, (u >> 4).astype(np.int8) - 8], axis=-1).reshape(N, K)
+    return unpack_int4(torch.tensor(w.view(np.uint8).reshape(N, K // 2))).numpy()
 
 
 def _act_dtype(node):
@@ -77,16 +78,17 @@ def _to_ort(graph, node, cache: dict) -> None:
 def _int4_initializer(name: str, codes_kn: np.ndarray):
     """int8 codes [K, N] in [-8, 7] -> an INT4 TensorProto wrapped for graphsurgeon.
 
-    ONNX packs INT4 two per byte in flat order, the first element in the low nibble. graphsurgeon
-    cannot build or read INT4 constants from numpy (ONNX_NOTES: 'Raw data size does not match'), so
-    the TensorProto is made here and passed as LazyValues."""
+    ONNX packs INT4 as two's-complement nibbles, two per byte in flat order, the first element in the
+    low nibble (the canonical nibble order, without the + 8). graphsurgeon cannot build or read INT4
+    constants from numpy (docs/architecture.md: 'Raw data size does not match'), so the TensorProto is
+    made here and passed as LazyValues."""
     import onnx
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    flat = (codes_kn.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    raw = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    flat = torch.tensor(codes_kn.reshape(-1)).to(torch.uint8) & 0x0F
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    raw = pack_nibbles(flat).numpy().tobytes()
     tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=list(codes_kn.shape), raw_data=raw)
     return LazyValues(tensor)
 
@@ -131,8 +133,6 @@ def _to_plugin(graph, node, cache: dict) -> None:
     except ImportError:
         raise QVGGTError("--target plugin needs qvggt_export.kernels.layout (the W4A16 kernel's weight layout), "
                          "which this install lacks") from None
-    import torch
-
     K, N, group, bits = _attrs(node)
     if bits != 4:
         return  # the plugin kernel is W4 only; W8 nodes keep the canonical layout and the ref path

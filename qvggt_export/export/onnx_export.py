@@ -22,7 +22,7 @@ from .. import arch
 from ..errors import CheckpointError, InputError, QVGGTError
 from ..log import logger
 from ..quant.linear import QuantLinear
-from . import spec
+from . import custom_op, spec
 from .custom_op import translation_table, w4a16_matmul
 from .lower import lower
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, save_onnx
@@ -167,7 +167,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     ir_model = program.model
     calls: dict[str, int] = {}
     for node in ir_model.graph:
-        if node.domain == "qvggt":
+        if node.domain == custom_op.DOMAIN:
             # Readable, stable and unique names: a layer run more than once (the camera trunk runs
             # once per refinement iteration) gets one node per call, sharing one weight.
             layer = node.attributes["qvggt_layer"].value
@@ -180,7 +180,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     def write(tmp: Path) -> None:
         program.save(tmp, external_data=weight_bytes > EXTERNAL_DATA_THRESHOLD)
         logger.info("exported %s (%s, %d custom nodes) in %.1f s", path, config.precision,
-                    sum(n.domain == "qvggt" for n in ir_model.graph), time.perf_counter() - start)
+                    sum(n.domain == custom_op.DOMAIN for n in ir_model.graph), time.perf_counter() - start)
         if config.validate:  # before the file takes its name: a graph that fails leaves nothing behind
             validate_export(model, tmp, config)
 

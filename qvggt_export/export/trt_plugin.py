@@ -23,13 +23,12 @@ from types import ModuleType
 import numpy as np
 
 from qvggt_export.errors import QVGGTError
+from qvggt_export.export.custom_op import OP_TYPE as PLUGIN_NAME
+from qvggt_export.export.custom_op import PLUGIN_NAMESPACE, PLUGIN_VERSION
 from qvggt_export.kernels.layout import KERNEL_LAYOUT, check_kernel_shape, kernel_weight_shape
 from qvggt_export.log import logger
 from qvggt_export.quant.pack import GROUP_SIZE
 
-PLUGIN_NAME = "W4A16MatMul"
-PLUGIN_NAMESPACE = "qvggt"
-PLUGIN_VERSION = "1"
 INT_FIELDS = ("K", "N", "group_size", "bits")
 STRING_FIELDS = ("layout",)
 

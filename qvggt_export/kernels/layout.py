@@ -1,6 +1,6 @@
 """The W4A16 kernel's packed layout ("kernel_v1") and its exact CPU references.
 
-Canonical (DESIGN.md): codes uint8 [N, K/2], (q + 8) two per byte, even k in the low nibble;
+Canonical (quant/pack.py): codes uint8 [N, K/2], (q + 8) two per byte, even k in the low nibble;
 scales fp16 [N, K/128].
 
 kernel_v1 (what plugins/w4a16_gemm.cu reads):
@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.quant.pack import GROUP_SIZE
+from qvggt_export.quant.pack import GROUP_SIZE, pack_nibbles, unpack_nibbles
 
 KERNEL_LAYOUT = "kernel_v1"
-CANONICAL_LAYOUT = "canonical"
 TILE_N = 8
 CHUNK_BYTES = 512
 LANES = 32
@@ -62,12 +61,12 @@ def to_kernel_layout(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
     if tuple(scales.shape) != (n, groups):
         raise QVGGTError(f"expected scales [N, K/128] = [{n}, {groups}], got {tuple(scales.shape)}")
 
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k)
+    codes = unpack_nibbles(packed)
     # k = 128 g + 16 (2 j + sub) + 8 half + 2 c + e, n = 8 t + r; nibble i = 4 e + 2 sub + half
     split = codes.reshape(n // TILE_N, TILE_N, groups, WORDS_PER_LANE, 2, 2, 4, 2)
     #                      t           r       g       j               sub half c  e
     nibbles = split.permute(0, 2, 1, 6, 3, 7, 4, 5).reshape(n // TILE_N, groups, LANES, WORDS_PER_LANE, 8)
-    weight = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).reshape(kernel_weight_shape(n, k))
+    weight = pack_nibbles(nibbles).reshape(kernel_weight_shape(n, k))
     return weight.contiguous().view(torch.int8), scales.to(torch.float16).t().contiguous()
 
 
@@ -131,7 +130,7 @@ def from_kernel_layout(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torc
     # low pairs carry the nibble at bits 0-3 of each half, high pairs at bits 4-7
     nibble_shift = torch.tensor([0, 4, 0, 4]).reshape(4, 1)
     codes = _scatter_to_rows(((pairs - _FP16_1024) >> nibble_shift).to(torch.uint8), n, k)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4), scales.t().contiguous()
+    return pack_nibbles(codes), scales.t().contiguous()
 
 
 def dequantize_kernel_layout(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

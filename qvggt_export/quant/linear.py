@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from .pack import GROUP_SIZE, pack_weight, unpack_weight
 
 PRECISION_OF_BITS = {4: "w4a16", 8: "w8a16"}
-BITS_OF_PRECISION = {v: k for k, v in PRECISION_OF_BITS.items()}
 
 
 class PrescaledLinear(nn.Linear):

@@ -1,4 +1,4 @@
-"""Weight quantization formulas and the canonical packed format (see DESIGN.md).
+"""Weight quantization formulas and the canonical packed format (docs/architecture.md).
 
 Canonical W4: weight [N, K] (out, in), groups of `group_size` along K, symmetric
 scale = max|w_group| / 7, q = clamp(round(w / scale), -8, 7), stored as unsigned nibbles (q + 8),
@@ -54,25 +54,28 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SI
     return (q.float() * scales.float().repeat_interleave(group_size, dim=1)).to(dtype)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = GROUP_SIZE) -> torch.Tensor:
-    """Round-trip through the quantized grid, in the weight's dtype (RTN)."""
-    q, s = quantize(weight, bits, group_size)
-    return dequantize(q, s, group_size, weight.dtype)
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 values in [0, 15], [..., 2m] -> uint8 [..., m]: element 2i in the low nibble of byte i,
+    element 2i + 1 in the high nibble. The one nibble codec: the canonical format, the kernel layout
+    and ONNX INT4 initializers all pack and unpack through it."""
+    if nibbles.shape[-1] % 2:
+        raise ValueError("the last dimension must be even to pack nibbles")
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., m] -> uint8 [..., 2m] in [0, 15]; the inverse of pack_nibbles."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] in [-8, 7] -> uint8 [N, K // 2], (q + 8), even k in the low nibble."""
-    if q.shape[-1] % 2:
-        raise ValueError("K must be even to pack int4")
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    return pack_nibbles((q.to(torch.int16) + 8).to(torch.uint8))
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K // 2] -> int8 codes [N, K] in [-8, 7]."""
-    low = (packed & 0x0F).to(torch.int8) - 8
-    high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return unpack_nibbles(packed).to(torch.int8) - 8
 
 
 def pack_weight(weight: torch.Tensor, bits: int = 4, group_size: int = GROUP_SIZE,
