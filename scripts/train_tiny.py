@@ -2,9 +2,11 @@
 """Train `vggt-tiny` (the embedded default model) from scratch on synthetic scenes, with VGGT's losses.
 
 Data: scenes from qvggt_export.data.synthetic, training seeds only (TRAIN_SEEDS[0:num_scenes]; the last
-DEV_SEEDS of TRAIN_SEEDS are held out for the experiment read-outs, and `synthetic-val` / calibration
-seeds are never touched). Each scene is rendered once with 10 views (the same camera arc as the
-10-view synthetic-val scenes) and cached; each sample draws `views` of them in random order.
+DEV_SEEDS of TRAIN_SEEDS are held out for the experiment read-outs, and the synthetic-val / synthetic-video /
+calibration seeds are never touched). Each scene is rendered once with 10 views and cached; each sample
+draws `views` of them in random order. `--trajectory` picks the cameras: "arc" (synthetic-val's wide arcs),
+"video" (synthetic-video's clips) or "mix" (even seeds video, odd seeds arc). `--stages` switches
+trajectory / views / batch at given steps (a curriculum: narrow clips and pairs first).
 
 Ground truth is normalised as VGGT trains: the first camera is the world frame and the scene scale is
 the mean distance of the valid GT points to that origin; GT translation, depth and points are divided
@@ -14,9 +16,13 @@ Losses (VGGT): camera loss on the pose encoding over all refinement iterations (
 translation + rotation + 0.5 * field of view, L1 or Huber; confidence-weighted depth and point losses
 conf * |err| - alpha * log(conf); optional gradient loss on depth/points.
 
-Deterministic by seed (same thread count). The shipped checkpoint (see qvggt_export/weights/vggt_tiny.md):
-    python scripts/train_tiny.py --seed 0 --num-scenes 300 --steps 650 --threads 1 --lr 7e-4 --batch 2 \
-        --views 8 --dense-frames 4 --cache-dir /tmp/qv_cache --out qvggt_export/weights/vggt_tiny.safetensors
+A run can span sessions: `--state FILE` saves the full training state (model, optimizer, step, every random
+stream, the log) atomically every `--state-every` steps and on SIGTERM / SIGINT; `--resume` continues from it
+with the saved arguments (only --steps, --minutes, --stop-step, --threads, --out and the output paths may be
+changed). `--curves` writes the learning curves (camera T/R/FoV loss, dev rotation error of the model and of
+the identity predictor on video-like and wide-arc dev scenes, depth AbsRel) as JSON and a PNG beside it.
+
+Deterministic by seed (same thread count). The shipped checkpoint: see qvggt_export/weights/vggt_tiny.md.
 synthetic-val report with trivial baselines:  python scripts/train_tiny.py --report --val-scenes 5
 """
 
@@ -26,8 +32,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +44,23 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qvggt_export.data.synthetic import TRAIN_SEEDS, VAL_SEEDS, CALIBRATION_SEEDS, render_scene  # noqa: E402
+from qvggt_export.data.synthetic import TRAIN_SEEDS, TRAJECTORIES, render_scene  # noqa: E402
 from qvggt_export.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri  # noqa: E402
+from qvggt_export.io import atomic_output, write_json  # noqa: E402
 from qvggt_export.model import VGGT, save_vggt  # noqa: E402
 from qvggt_export.model.presets import TINY_CONFIG, tiny_config  # noqa: E402
 
 SCENE_VIEWS = 10  # views rendered per training scene (as synthetic-val)
 DEV_SEEDS = range(TRAIN_SEEDS.stop - 16, TRAIN_SEEDS.stop)  # held-out training-range seeds for read-outs
+DEV_SETS = {"video": 8, "arc": 10}  # dev read-outs: trajectory -> views (as synthetic-video / synthetic-val)
+TRAIN_TRAJECTORIES = ("arc", "video", "mix")
+
+
+def scene_trajectory(seed: int, trajectory: str) -> str:
+    """The cameras of a training seed: "mix" gives video clips to even seeds and wide arcs to odd ones."""
+    if trajectory == "mix":
+        return "video" if seed % 2 == 0 else "arc"
+    return trajectory
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -50,22 +68,29 @@ DEV_SEEDS = range(TRAIN_SEEDS.stop - 16, TRAIN_SEEDS.stop)  # held-out training-
 class SceneCache:
     """Renders training scenes lazily (once) and keeps them as compact arrays."""
 
-    def __init__(self, image_size: tuple[int, int], cache_dir: str = "") -> None:
+    def __init__(self, image_size: tuple[int, int], cache_dir: str = "", trajectory: str = "arc") -> None:
         self.image_size = image_size
+        self.trajectory = trajectory
         self.scenes: dict[int, tuple] = {}
         self.cache_dir = Path(cache_dir) / f"{image_size[0]}x{image_size[1]}" if cache_dir else None
 
+    def _path(self, seed: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        trajectory = scene_trajectory(seed, self.trajectory)  # arc scenes keep the cache layout of old runs
+        return (self.cache_dir if trajectory == "arc" else self.cache_dir / trajectory) / f"{seed}.npz"
+
     def render(self, seed: int):
-        if seed in VAL_SEEDS or seed in CALIBRATION_SEEDS or seed not in TRAIN_SEEDS:
+        if seed not in TRAIN_SEEDS:  # so never a synthetic-val, synthetic-video or calibration seed
             raise ValueError(f"seed {seed} is not a training seed")
-        s = render_scene(seed, SCENE_VIEWS, self.image_size)
+        s = render_scene(seed, SCENE_VIEWS, self.image_size, scene_trajectory(seed, self.trajectory))
         images = (s.images * 255).round().astype(np.uint8)
         return (images, s.depth.astype(np.float32), s.extrinsics.astype(np.float64),
                 s.intrinsics.astype(np.float64), s.valid)
 
     def get(self, seed: int):
         if seed not in self.scenes:
-            path = self.cache_dir / f"{seed}.npz" if self.cache_dir else None
+            path = self._path(seed)
             if path is not None and path.exists():
                 with np.load(path) as f:
                     self.scenes[seed] = tuple(f[k] for k in ("images", "depth", "extrinsics", "intrinsics", "valid"))
@@ -205,9 +230,10 @@ def _rel_errors(pred_extr: np.ndarray, gt_extr: np.ndarray):
 
 @torch.no_grad()
 def quick_eval(model, cache_dev: SceneCache, seeds, views: int):
-    """Dev read-out on held-out training-range seeds: AUC@30, RRA/RTA@30, mean rot err, depth AbsRel."""
+    """Dev read-out on held-out training-range seeds: AUC@30, RRA/RTA@30, mean rot err, depth AbsRel, and
+    the identity predictor's rotation error and AUC@30 on the same pairs."""
     model.eval()
-    ers, ets, absrel = [], [], []
+    ers, ets, absrel, id_ers, id_ets = [], [], [], [], []
     for seed in seeds:
         s = cache_dev.get(seed)
         images, depth, points, valid, extr, intr = make_sample(s, np.arange(views))
@@ -222,12 +248,20 @@ def quick_eval(model, cache_dev: SceneCache, seeds, views: int):
             m = valid[k]
             p = d[k][m] * np.median(depth[k][m]) / np.median(d[k][m])
             absrel.append(np.mean(np.abs(p - depth[k][m]) / depth[k][m]))
+        id_er, id_et = _rel_errors(np.tile(np.eye(3, 4), (views, 1, 1)), extr)  # all cameras at the first
+        id_ers.append(id_er)
+        id_ets.append(id_et)
     model.train()
     er, et = np.concatenate(ers), np.concatenate(ets)
+    return {"auc30": _auc30(er, et), "rra30": float((er < 30).mean() * 100), "rta30": float((et < 30).mean() * 100),
+            "rot_err": float(er.mean()), "absrel": float(np.mean(absrel)),
+            "id_rot_err": float(np.concatenate(id_ers).mean()),
+            "id_auc30": _auc30(np.concatenate(id_ers), np.concatenate(id_ets))}
+
+
+def _auc30(er: np.ndarray, et: np.ndarray) -> float:
     m = np.maximum(er, et)
-    auc = np.mean(np.cumsum(np.histogram(m, bins=np.arange(31))[0] / len(m))) * 100
-    return {"auc30": float(auc), "rra30": float((er < 30).mean() * 100), "rta30": float((et < 30).mean() * 100),
-            "rot_err": float(er.mean()), "absrel": float(np.mean(absrel))}
+    return float(np.mean(np.cumsum(np.histogram(m, bins=np.arange(31))[0] / len(m))) * 100)
 
 
 # ------------------------------------------------------------------------ synthetic-val report + baselines
@@ -262,16 +296,19 @@ VAL_REPORT_KEYS = ("auc@30", "auc@15", "auc@5", "rra@30", "rta@30", "rotation_er
                    "translation_error_deg", "abs_rel", "delta<1.25", "acc_mean", "comp_mean")
 
 
-def val_report(checkpoint: str | None, scenes: int, views: int, image_size: tuple[int, int],
-               baselines: bool = True) -> dict:
-    """synthetic-val metrics (first `scenes` scenes, `views` views at `image_size`) of a checkpoint,
-    an untrained model of the same config, and trivial baselines; all through qvggt_export.evaluate."""
+def val_report(checkpoint: str | None, scenes: int, views: int | None, image_size: tuple[int, int],
+               baselines: bool = True, dataset: str = "synthetic-val") -> dict:
+    """Metrics on a synthetic set (first `scenes` scenes, `views` views (None: the set's) at `image_size`) of a
+    checkpoint, an untrained model of the same config, and trivial baselines; all through qvggt_export.evaluate."""
     from qvggt_export.data.readers import SyntheticReader
+    from qvggt_export.data.synthetic import SYNTHETIC_SETS
     from qvggt_export.evaluate import evaluate
     from qvggt_export.model import load_model
 
+    views = views or SYNTHETIC_SETS[dataset].num_views
+
     def run(predictor):
-        reader = SyntheticReader(num_views=views, max_scenes=scenes, image_size=image_size)
+        reader = SyntheticReader(SYNTHETIC_SETS[dataset], num_views=views, max_scenes=scenes, image_size=image_size)
         agg = evaluate(predictor, reader, progress=False)["aggregate"]
         return {k: agg.get(k) for k in VAL_REPORT_KEYS}
 
@@ -284,34 +321,168 @@ def val_report(checkpoint: str | None, scenes: int, views: int, image_size: tupl
         rows["untrained (same config, seed 0)"] = run(VGGT(tiny_config()).eval())
         rows["random pose, constant depth"] = run(_baseline_predict("random", *image_size))
         rows["identity pose, constant depth"] = run(_baseline_predict("identity", *image_size))
-    return {"scenes": scenes, "views": views, "image_size": list(image_size), "rows": rows}
+    return {"dataset": dataset, "scenes": scenes, "views": views, "image_size": list(image_size), "rows": rows}
 
 
 # -------------------------------------------------------------------------------------------- training
 
-def save_checkpoint(model, args, steps: int, wall_s: float, train_seeds) -> None:
+RESUME_OVERRIDES = ("steps", "minutes", "stop_step", "threads", "out", "best_out", "log", "curves", "state",
+                    "state_every", "save_every", "eval_every", "resume", "cache_dir")
+
+
+def parse_stages(text: str, args) -> list[dict]:
+    """'STEP:TRAJECTORY:VIEWS:BATCH,...' (a curriculum) -> stages by start step; '' -> one stage of the flat args."""
+    if not text:
+        return [{"start": 0, "trajectory": args.trajectory, "views": args.views, "batch": args.batch}]
+    stages = []
+    for part in text.split(","):
+        fields = part.split(":")
+        if len(fields) != 4 or fields[1] not in TRAIN_TRAJECTORIES or not all(f.isdigit() for f in fields[::2] + fields[3:]):
+            raise ValueError(f"--stages wants STEP:TRAJECTORY:VIEWS:BATCH items (TRAJECTORY: "
+                             f"{', '.join(TRAIN_TRAJECTORIES)}), got {part!r}")
+        start, trajectory, views, batch = int(fields[0]), fields[1], int(fields[2]), int(fields[3])
+        if not 2 <= views <= SCENE_VIEWS or batch < 1:
+            raise ValueError(f"--stages: views must be in 2..{SCENE_VIEWS} and batch at least 1, got {part!r}")
+        stages.append({"start": start, "trajectory": trajectory, "views": views, "batch": batch})
+    stages.sort(key=lambda st: st["start"])
+    if stages[0]["start"] != 0:
+        raise ValueError("--stages: the first stage must start at step 0")
+    return stages
+
+
+def stage_at(stages: list[dict], step: int) -> dict:
+    return [st for st in stages if st["start"] <= step][-1]
+
+
+def make_optimizer(model: VGGT, args) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only; the camera head's groups run at --camera-lr-mult times the lr."""
+    groups = {}
+    for name, param in model.named_parameters():
+        decay = param.ndim >= 2 and "token" not in name
+        camera = name.startswith("camera_head.")
+        groups.setdefault((decay, camera), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": args.weight_decay if decay else 0.0,
+          "lr_mult": args.camera_lr_mult if camera else 1.0} for (decay, camera), params in groups.items()],
+        lr=args.lr, betas=(0.9, 0.95))
+
+
+def lr_at(args, step: int) -> float:
+    """Linear warm-up, then cosine to 5 % of the peak at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def save_state(path: str, model, opt, rng: np.random.Generator, step: int, log: dict, running, args) -> None:
+    """Everything a resumed run needs to continue exactly: weights, optimizer, step, random streams, log."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "log": log,
+             "running": running, "args": vars(args)}
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+    print(f"saved training state at step {step} to {path}", flush=True)
+
+
+def resumed_args(args, argv) -> argparse.Namespace:
+    """The saved run's arguments, with the few that may change between sessions taken from the command line."""
+    saved = torch.load(args.state, map_location="cpu", weights_only=False)["args"]
+    given, defaults = vars(args), vars(parse_args([]))
+    for key, value in given.items():
+        if key not in RESUME_OVERRIDES and value != defaults[key] and value != saved.get(key):
+            raise ValueError(f"--{key.replace('_', '-')} {value} differs from the saved run's {saved.get(key)} "
+                             f"(only {', '.join(RESUME_OVERRIDES)} may change on --resume)")
+    merged = dict(saved)
+    for key in RESUME_OVERRIDES:
+        if given[key] != defaults[key] or key in ("resume", "state"):
+            merged[key] = given[key]
+    return argparse.Namespace(**{**defaults, **merged})
+
+
+def write_curves(log: dict, path: str) -> None:
+    """The log as JSON at `path` and the learning curves as a PNG beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_json(path, log)
+    hist, evals = log["history"], log["evals"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [h["step"] for h in hist]
+    for key, label in (("T", "translation"), ("R", "rotation (quaternion)"), ("FL", "field of view")):
+        axes[0].plot(steps, [h["ema_" + key] for h in hist], label=label)
+    axes[0].set(title="camera L1 loss (train, EMA 0.9)", xlabel="step", yscale="log")
+    for traj, color in (("video", "C0"), ("arc", "C1")):
+        ev = [e for e in evals if traj in e]
+        x = [e["step"] for e in ev]
+        axes[1].plot(x, [e[traj]["rot_err"] for e in ev], color=color, marker=".", label=f"model, dev {traj}")
+        axes[1].plot(x, [e[traj]["id_rot_err"] for e in ev], color=color, ls="--", label=f"identity, dev {traj}")
+        axes[2].plot(x, [e[traj]["auc30"] for e in ev], color=color, marker=".", label=f"AUC@30, dev {traj}")
+        axes[2].plot(x, [100 * e[traj]["absrel"] for e in ev], color=color, ls=":", label=f"100 x AbsRel, dev {traj}")
+    axes[1].set(title="mean relative rotation error (deg)", xlabel="step")
+    axes[2].set(title="pose AUC@30 and depth AbsRel", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(Path(path).with_suffix(".png")) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def save_checkpoint(model, args, path: str, steps: int, wall_s: float, train_seeds) -> None:
     """save_vggt (config in the metadata) plus the training provenance."""
     model.eval()
     meta = {"qvggt_training": json.dumps({"script": "scripts/train_tiny.py", "seed": args.seed, "steps": steps,
                                            "train_seeds": [train_seeds[0], train_seeds[-1]],
                                            "wall_s": round(wall_s), "args": vars(args)})}
-    save_vggt(model, args.out, extra_metadata=meta)
-    print(f"wrote {args.out} after {steps} steps", flush=True)
+    save_vggt(model, path, extra_metadata=meta)
+    model.train()
+    print(f"wrote {path} after {steps} steps", flush=True)
+
+
+def _render_seeds(job) -> int:
+    image_size, cache_dir, trajectory, seeds = job
+    cache = SceneCache(image_size, cache_dir, trajectory)
+    for seed in seeds:
+        cache.get(seed)
+        cache.scenes.clear()
+    return len(seeds)
+
+
+def prerender(args) -> None:
+    """Fills --cache-dir with the training seeds A:B (every trajectory of --trajectory / --stages) and the
+    dev scenes, on --workers processes."""
+    a, b = (int(x) for x in args.prerender.split(":"))
+    size = (args.height, args.width)
+    trajectories = {st["trajectory"] for st in parse_stages(args.stages, args)}
+    jobs = [(size, args.cache_dir, traj, list(DEV_SEEDS[: args.eval_scenes])) for traj in DEV_SETS]
+    for traj in sorted(trajectories):
+        jobs += [(size, args.cache_dir, traj, list(range(a, b))[w::args.workers]) for w in range(args.workers)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        done = sum(pool.map(_render_seeds, jobs))
+    print(f"rendered {done} scenes into {args.cache_dir}", flush=True)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1500, help="length of the learning-rate schedule")
     p.add_argument("--stop-step", type=int, default=0,
                    help="stop after this many steps of the --steps schedule (replays a run cut by --minutes)")
-    p.add_argument("--minutes", type=float, default=0.0, help="stop after this wall time (0: no limit)")
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this wall time of this session (0: no limit)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--views", type=int, default=4, help="views per training sample")
+    p.add_argument("--trajectory", choices=TRAIN_TRAJECTORIES, default="arc", help="cameras of the training scenes")
+    p.add_argument("--stages", type=str, default="",
+                   help="curriculum STEP:TRAJECTORY:VIEWS:BATCH,... (overrides --trajectory/--views/--batch)")
     p.add_argument("--num-scenes", type=int, default=2000, help="training scenes: TRAIN_SEEDS[0:N]")
     p.add_argument("--height", type=int, default=84)
     p.add_argument("--width", type=int, default=112)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--camera-lr-mult", type=float, default=1.0, help="camera head learning rate / --lr")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--camera-weight", type=float, default=5.0)
@@ -325,70 +496,103 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", type=str, default="", help="on-disk cache of rendered training scenes")
     p.add_argument("--report", type=str, default=None, nargs="?", const="",
-                   help="only evaluate CHECKPOINT (default: the embedded vggt-tiny) and baselines on synthetic-val")
+                   help="only evaluate CHECKPOINT (default: the embedded vggt-tiny) and baselines on --report-sets")
+    p.add_argument("--report-sets", type=str, default="synthetic-val,synthetic-video")
     p.add_argument("--val-scenes", type=int, default=10)
     p.add_argument("--no-baselines", action="store_true", help="--report: the checkpoint only")
-    p.add_argument("--prerender", type=str, default="", help="only render seeds A:B into --cache-dir")
+    p.add_argument("--prerender", type=str, default="", help="only render training seeds A:B into --cache-dir")
+    p.add_argument("--workers", type=int, default=2, help="--prerender processes")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-scenes", type=int, default=8)
-    p.add_argument("--eval-views", type=int, default=10)
-    p.add_argument("--out", type=str, default="")
+    p.add_argument("--out", type=str, default="", help="checkpoint (safetensors) written at the end")
+    p.add_argument("--best-out", type=str, default="",
+                   help="checkpoint written at each read-out that lowers the dev rotation error / identity's "
+                        "(summed over the video and arc dev scenes)")
     p.add_argument("--save-every", type=int, default=0, help="also write --out every N steps")
+    p.add_argument("--state", type=str, default="", help="full training state file (for --resume)")
+    p.add_argument("--state-every", type=int, default=200, help="write --state every N steps (and on SIGTERM)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --state")
     p.add_argument("--log", type=str, default="", help="JSON log file")
+    p.add_argument("--curves", type=str, default="", help="learning curves: JSON here and a PNG beside it")
     return p.parse_args(argv)
+
+
+def run_report(args) -> dict:
+    reports = {}
+    for dataset in args.report_sets.split(","):
+        reports[dataset] = val_report(args.report or None, args.val_scenes, None, (args.height, args.width),
+                                      baselines=not args.no_baselines, dataset=dataset)
+    text = json.dumps(reports, indent=1)
+    print(text, flush=True)
+    if args.log:
+        write_json(args.log, reports)
+    return reports
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    try:
+        if args.resume:
+            if not args.state or not Path(args.state).exists():
+                raise ValueError("--resume needs an existing --state file")
+            args = resumed_args(args, argv)
+        stages = parse_stages(args.stages, args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.set_num_threads(args.threads)
     if args.report is not None:
-        ckpt = args.report or None
-        rep = val_report(ckpt, args.val_scenes, args.eval_views, (args.height, args.width),
-                         baselines=not args.no_baselines)
-        text = json.dumps(rep, indent=1)
-        print(text, flush=True)
-        if args.log:
-            Path(args.log).write_text(text)
-        return rep
+        return run_report(args)
     if args.prerender:
-        a, b = (int(x) for x in args.prerender.split(":"))
-        cache = SceneCache((args.height, args.width), args.cache_dir)
-        for seed in list(DEV_SEEDS[: args.eval_scenes]) + list(range(a, b)):
-            cache.get(seed)
-            cache.scenes.clear()
+        prerender(args)
         return {}
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    overrides = json.loads(args.config)
-    cfg = tiny_config(**overrides)
+    cfg = tiny_config(**json.loads(args.config))
     model = VGGT(cfg).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config {cfg.to_dict()}\nparameters {n_params / 1e6:.2f} M", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
+    opt = make_optimizer(model, args)
     image_size = (args.height, args.width)
-    cache = SceneCache(image_size, args.cache_dir)
     train_seeds = list(TRAIN_SEEDS[: args.num_scenes])
     assert not set(train_seeds) & set(DEV_SEEDS)
+    caches = {traj: SceneCache(image_size, args.cache_dir, traj) for traj in {st["trajectory"] for st in stages}}
+    dev_caches = {traj: SceneCache(image_size, args.cache_dir, traj) for traj in DEV_SETS}
     dev_seeds = list(DEV_SEEDS[: args.eval_scenes])
-    dev_cache = SceneCache(image_size, args.cache_dir)
-    log = {"args": vars(args), "config": cfg.to_dict(), "parameters": n_params, "history": [], "evals": []}
+    log = {"config": cfg.to_dict(), "parameters": n_params, "history": [], "evals": [], "wall_s": 0.0,
+           "best": None, "sessions": []}
+    step, running = 0, None
+    if args.resume:
+        state = torch.load(args.state, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step, log, running = state["step"], state["log"], state["running"]
+        print(f"resumed {args.state} at step {step}", flush=True)
+    log["args"] = vars(args)
+    log["sessions"].append({"start_step": step, "threads": args.threads})
+    wall_before = log["wall_s"]
+    stop_signal = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, frame: stop_signal.append(sig))
     start = time.time()
-    step = 0
-    running = None
-    for step in range(args.steps):
+
+    def readout():
+        ev = {traj: quick_eval(model, dev_caches[traj], dev_seeds, views) for traj, views in DEV_SETS.items()}
+        ev.update(step=step, wall_s=wall_before + time.time() - start)
+        log["evals"].append(ev)
+        print("eval", json.dumps({t: {k: round(v, 2) for k, v in ev[t].items()} for t in DEV_SETS}), flush=True)
+        score = sum(ev[t]["rot_err"] / ev[t]["id_rot_err"] for t in DEV_SETS)
+        if args.best_out and (log["best"] is None or score < log["best"]["score"]):
+            log["best"] = {"step": step, "score": score}
+            save_checkpoint(model, args, args.best_out, step, ev["wall_s"], train_seeds)
+
+    while step < args.steps and not stop_signal:
+        stage = stage_at(stages, step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        batch = make_batch(cache, rng, train_seeds, args.batch, args.views)
+            g["lr"] = lr_at(args, step) * g["lr_mult"]
+        batch = make_batch(caches[stage["trajectory"]], rng, train_seeds, stage["batch"], stage["views"])
         out = forward_train(model, batch["images"], args.dense_frames)
         k = out["depth"].shape[1]
         l_cam, cam_parts = camera_loss(out["pose_enc_list"], batch["pose_enc"], args.camera_loss)
@@ -402,35 +606,42 @@ def main(argv=None) -> dict:
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
-        rec = {"step": step, "loss": float(loss), "cam": float(l_cam), **cam_parts, "depth_err": depth_err,
-               "point_err": point_err, "gnorm": gnorm, "time": time.time() - start}
-        running = rec if running is None else {k: 0.9 * running[k] + 0.1 * rec[k] for k in rec}
-        if step % 25 == 0 or step == args.steps - 1:
-            log["history"].append(rec)
-            print(f"step {step:5d} {time.time() - start:7.0f}s loss {running['loss']:.3f} T {running['T']:.3f} "
-                  f"R {running['R']:.3f} FL {running['FL']:.3f} depth {running['depth_err']:.3f} "
-                  f"pts {running['point_err']:.3f} gn {running['gnorm']:.2f} lr {lr_at(step):.1e}", flush=True)
-        last = step == args.steps - 1
-        timed_out = (args.minutes > 0 and time.time() - start > args.minutes * 60) or step + 1 == args.stop_step
-        if args.eval_every and (step % args.eval_every == args.eval_every - 1 or last or timed_out):
-            ev = quick_eval(model, dev_cache, dev_seeds, args.eval_views)
-            ev.update(step=step, time=time.time() - start)
-            log["evals"].append(ev)
-            print("eval", json.dumps({k: round(v, 3) for k, v in ev.items()}), flush=True)
-        if args.out and args.save_every and step % args.save_every == args.save_every - 1 and not (last or timed_out):
-            save_checkpoint(model, args, step + 1, time.time() - start, train_seeds)
-            model.train()
+        rec = {"step": step, "loss": float(loss.detach()), "cam": float(l_cam.detach()), **cam_parts, "depth_err": depth_err,
+               "point_err": point_err, "gnorm": gnorm, "wall_s": wall_before + time.time() - start}
+        ema = {k: rec[k] if running is None else 0.9 * running["ema_" + k] + 0.1 * rec[k] for k in cam_parts}
+        running = {**rec, **{"ema_" + k: v for k, v in ema.items()}}
+        step += 1
+        if step % 25 == 1 or step == args.steps:
+            log["history"].append(running)
+            print(f"step {step - 1:5d} {running['wall_s']:7.0f}s loss {rec['loss']:.3f} T {ema['T']:.3f} "
+                  f"R {ema['R']:.3f} FL {ema['FL']:.3f} depth {depth_err:.3f} pts {point_err:.3f} gn {gnorm:.2f} "
+                  f"lr {lr_at(args, step - 1):.1e} {stage['trajectory']} {stage['batch']}x{stage['views']}", flush=True)
+        timed_out = (args.minutes > 0 and time.time() - start > args.minutes * 60) or step == args.stop_step
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps or timed_out):
+            readout()
+            if args.curves:
+                write_curves(log, args.curves)
+        if args.out and args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, args, args.out, step, wall_before + time.time() - start, train_seeds)
+        if args.state and step % args.state_every == 0 and not timed_out:
+            log["wall_s"] = wall_before + time.time() - start
+            save_state(args.state, model, opt, rng, step, log, running, args)
         if timed_out:
-            print(f"stopping after {step + 1} steps of a {args.steps}-step schedule", flush=True)
+            print(f"stopping after {step} steps of a {args.steps}-step schedule", flush=True)
             break
-    log["steps_done"] = step + 1
-    log["wall_s"] = time.time() - start
+    if stop_signal:
+        print(f"signal {stop_signal[0]}: stopping after {step} steps", flush=True)
+    log["steps_done"] = step
+    log["wall_s"] = wall_before + time.time() - start
     log["train_seeds"] = [train_seeds[0], train_seeds[-1]]
-    log["scenes_rendered"] = len(cache.scenes)
+    if args.state:
+        save_state(args.state, model, opt, rng, step, log, running, args)
     if args.out:
-        save_checkpoint(model, args, step + 1, log["wall_s"], train_seeds)
+        save_checkpoint(model, args, args.out, step, log["wall_s"], train_seeds)
     if args.log:
-        Path(args.log).write_text(json.dumps(log, indent=1))
+        write_json(args.log, log)
+    if args.curves:
+        write_curves(log, args.curves)
     return log
 
 
