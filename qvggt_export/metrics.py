@@ -1,4 +1,4 @@
-"""Evaluation metrics, exactly as the released protocols (see ../shared/METRICS.md).
+"""Evaluation metrics, exactly as the released protocols (docs/evaluation.md).
 
 - Camera pose: relative poses of all pairs i < j, Rel = E_i inverse(E_j) (camera-from-world, OpenCV),
   no similarity alignment, float64. Rotation error from quaternions, translation error as the angle

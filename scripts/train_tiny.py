@@ -209,7 +209,7 @@ def conf_regression_loss(pred, conf, gt, valid, alpha: float, grad_weight: float
 # ---------------------------------------------------------------------------------------- evaluation
 
 def _rel_errors(pred_extr: np.ndarray, gt_extr: np.ndarray):
-    """Per-pair rotation / translation-direction errors (degrees) as in METRICS.md (float64)."""
+    """Per-pair rotation / translation-direction errors (degrees) as in docs/evaluation.md (float64)."""
     def to44(e):
         out = np.tile(np.eye(4), (len(e), 1, 1))
         out[:, :3, :] = e[:, :3, :]

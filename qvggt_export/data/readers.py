@@ -9,7 +9,7 @@ On-disk layouts read (the ones the datasets ship with; see each reader):
 - 7scenes:  ROOT/<scene>/seq-NN/frame-NNNNNN.{color.png, depth[.proj].png, pose.txt}, TestSplit.txt.
 - nrgbd:    ROOT/<scene>/images/imgN.png, depth/depthN.png, poses.txt (4x4 camera-to-world, OpenGL).
 
-Frame selection follows ../shared/METRICS.md: pose datasets (and folders) draw `frames` frames per
+Frame selection follows docs/evaluation.md: pose datasets (and folders) draw `frames` frames per
 sequence with one `np.random.RandomState(seed)` walked over the sequences in sorted order (sequences
 with fewer frames are skipped without drawing, as the released evaluation); 7-Scenes takes every 100th
 frame, NRGBD every min(100, n // 2)-th. Images go through the released preprocessing ("crop"); ground

@@ -80,7 +80,7 @@ def _int4_initializer(name: str, codes_kn: np.ndarray):
 
     ONNX packs INT4 as two's-complement nibbles, two per byte in flat order, the first element in the
     low nibble (the canonical nibble order, without the + 8). graphsurgeon cannot build or read INT4
-    constants from numpy (docs/architecture.md: 'Raw data size does not match'), so the TensorProto is
+    constants from numpy (docs/extending.md: 'Raw data size does not match'), so the TensorProto is
     made here and passed as LazyValues."""
     import onnx
     from onnx_graphsurgeon.ir.tensor import LazyValues
@@ -112,7 +112,7 @@ def _to_qdq(graph, node, cache: dict) -> None:
     name = node.name
     weight, scales = _shared(cache, node, lambda layer: _qdq_constants(node, layer))
     # Each call dequantizes for itself: TensorRT and ORT fuse a DequantizeLinear only into a single
-    # consumer (ONNX_NOTES).
+    # consumer (docs/extending.md).
     dq_out = gs.Variable(f"{name}.weight", dtype=_act_dtype(node), shape=[K, N])
     graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}.dq", inputs=[weight, scales], outputs=[dq_out],
                                attrs={"axis": 0, "block_size": group}))
@@ -170,7 +170,7 @@ def lower(model, target: str, check: bool = True):
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     keep_domain = target == "plugin" and nodes
-    # graphsurgeon adds the imports of the domains it sees but keeps stale ones (ONNX_NOTES).
+    # graphsurgeon adds the imports of the domains it sees but keeps stale ones (docs/extending.md).
     imports = {o.domain: o.version for o in out.opset_import
                if o.domain != custom_op.DOMAIN or keep_domain}
     if target == "ort" and nodes:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 
 # ORT fuses DequantizeLinear+MatMul into MatMulNBits with accuracy_level 4 by default, i.e. it
-# quantizes activations to int8 on the fly (~0.7% error, ONNX_NOTES): level 0 keeps them float.
+# quantizes activations to int8 on the fly (~0.7% error, docs/extending.md): level 0 keeps them float.
 ACCURACY_LEVEL_CONFIG = ("session.qdq_matmulnbits_accuracy_level", "0")
 
 
