@@ -63,3 +63,24 @@ def sha256_tensors(named_tensors) -> str:
         digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors file written atomically and reproducibly: the same tensors and metadata give the same
+    bytes. (The safetensors writer emits metadata in hash-map order, different on every call; the header
+    is rewritten in place with sorted metadata keys: same length, same tensor entries.)"""
+    from safetensors.torch import save_file
+
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "r+b") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            meta = header.pop("__metadata__", None)
+            ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+            text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) > n:  # reordering keys cannot lengthen it; this would be a format change upstream
+                raise RuntimeError(f"unexpected safetensors header layout in {path}")
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+    return Path(path)

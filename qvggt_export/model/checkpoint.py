@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import arch
 from ..errors import CheckpointError
-from ..io import atomic_output
+from ..io import save_safetensors
 from ..log import logger
 from ..quant.linear import QuantLinear
 from .config import VGGTConfig
@@ -142,13 +142,8 @@ def config_for(path: Path, metadata: dict[str, str]) -> VGGTConfig:
 
 
 def _write(model: nn.Module, path: str | Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_output(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return path
+    return save_safetensors(state, path, metadata)
 
 
 def save_vggt(model: VGGT, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:

@@ -82,7 +82,8 @@ class FullModelForward:
         self._counters = [m.register_forward_hook(self._count) for m in arch.block_modules(model).values()]
 
     def _count(self, *_) -> None:
-        self.block_forwards += 1
+        if self.current_scene is not None:  # this forward is running (several may hook one model)
+            self.block_forwards += 1
 
     def close(self) -> None:
         for handle in self._counters:
@@ -128,8 +129,10 @@ class BlockCache(FullModelForward):
         with torch.no_grad(), autocast(self.device, dtype):
             self.states = [arch.begin_forward(model, self._images(s)) for s in scenes]
         self.dense: list[dict] | None = None  # dense-head outputs once every pipeline block is final
+        self.pending = 0  # blocks advanced through but not yet run (run lazily: a method with no trials pays nothing)
 
     def _check_position(self, block: arch.BlockSpec) -> None:
+        self._catch_up()
         if arch.is_pipeline_block(block):
             expected = self.pipeline[self.position].name if self.position < len(self.pipeline) else None
             if block.name != expected:
@@ -146,6 +149,7 @@ class BlockCache(FullModelForward):
 
     @torch.no_grad()
     def predict(self) -> list[dict[str, Tensor]]:
+        self._catch_up()
         outputs = []
         for i, local in enumerate(self.scenes):
             self.current_scene = local.index
@@ -172,21 +176,31 @@ class BlockCache(FullModelForward):
                     self._heads(self._final_layers(i), tuple(local.scene.images.shape[-2:]), ("camera",))
         self.current_scene = None
 
-    @torch.no_grad()
     def advance(self, block: arch.BlockSpec) -> None:
-        self._check_position(block)
         if not arch.is_pipeline_block(block):
+            self._check_position(block)
+            return
+        ahead = self.position + self.pending
+        if ahead >= len(self.pipeline) or self.pipeline[ahead].name != block.name:
+            raise RuntimeError(f"block cache cannot advance through {block.name} from its position")
+        self.pending += 1
+
+    @torch.no_grad()
+    def _catch_up(self) -> None:
+        if not self.pending:
             return
         with autocast(self.device, self.dtype):
             for i, local in enumerate(self.scenes):
                 self.current_scene = local.index
-                self.states[i] = arch.forward_block(self.model, block, self.states[i])
-            self.position += 1
+                for block in self.pipeline[self.position:self.position + self.pending]:
+                    self.states[i] = arch.forward_block(self.model, block, self.states[i])
+            self.current_scene = None
+            self.position += self.pending
+            self.pending = 0
             if self.position == len(self.pipeline):
                 self.dense = [arch.run_head_group(self.model, "dense", arch.final_layers(state),
                                                   tuple(local.scene.images.shape[-2:]))
                               for state, local in zip(self.states, self.scenes)]
-        self.current_scene = None
 
 
 def make_forward(model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype, cached: bool = True) -> FullModelForward:

@@ -45,7 +45,8 @@ class QuantizeProgress:
         return block in self.done
 
     def save_block(self, model: nn.Module, block: str, scales: dict[str, Tensor], entries: dict) -> None:
-        self.done[block] = entries
+        # Entries as they read back from progress.json (sorted keys), so a resumed run reports the same bytes.
+        self.done[block] = json.loads(json.dumps(entries, sort_keys=True))
         if self.directory is None or not self.writer:
             return
         from safetensors.torch import save_file

@@ -198,7 +198,8 @@ class BlockQuantizer:
         best = min(scores, key=scores.get)
         apply_scale(self.model, prev, layers, group.fold, candidate_scales(absmean, best))
         for n in layers:
-            self.entries[n] = {"alpha": best, "recon": recon[best], "recon_alpha0": recon[0.0], "score": scores[best]}
+            self.entries[n] = {"alpha": best, "alpha_recon": min(recon, key=recon.get), "recon": recon[best],
+                               "recon_alpha0": recon[0.0], "score": scores[best]}
 
     def round_rtn(self, block: arch.BlockSpec) -> None:
         self.fake_quantize(self.planned(block.name))
@@ -316,11 +317,11 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
             report.layers.update(progress.done[block.name])
             forward.advance(block)
         report.seconds["blocks"] = time.perf_counter() - stage
-        report.block_forwards["quantize"] = forward.block_forwards - forwards_before
         stage = time.perf_counter()
         quantizer.pack()
         final = forward.predict()
         check_finite(final, "the quantized model")
+        report.block_forwards["quantize"] = forward.block_forwards - forwards_before  # trials, cache, final check
         if parts["task_aware"]:
             report.final_task_loss = gathered_task_loss(final, targets, shard, total, config.loss_weights)[0]
         report.seconds["pack+check"] = time.perf_counter() - stage

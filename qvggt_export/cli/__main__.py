@@ -1,0 +1,5 @@
+"""`python -m qvggt_export.cli` (what torchrun launches with -m)."""
+
+from . import main
+
+main()
