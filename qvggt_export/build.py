@@ -39,6 +39,9 @@ class BuildConfig:
     backend: str | None = None  # None: whichever TensorRT imports; "none": no engine
     compare_scenes: int = 2
     compare_frames: int = 4
+    device: str | None = None  # calibration and quantization: None = cuda when available, else cpu
+    dtype: str | None = None  # their forward dtype: None = bf16 on CUDA, fp32 on the CPU
+    fast: bool = False  # quantizer.FAST_PRESET
 
     def check(self) -> None:
         if self.precision not in ("fp16", "w8a16", "w4a16"):
@@ -59,6 +62,7 @@ class Stages:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ran: dict[str, str] = {}
+        self.writer = True  # False on the non-main ranks of a torchrun build
 
     def _sidecar(self, name: str) -> Path:
         return self.root / STAGES_DIR / f"{name}.json"
@@ -85,6 +89,8 @@ class Stages:
         start = time.perf_counter()
         logger.info("[%s] running", name)
         fn()
+        if not self.writer:
+            return True
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise QVGGTError(f"stage {name} did not write {', '.join(missing)}")
@@ -125,11 +131,24 @@ def build(config: BuildConfig) -> dict:
                 raise InputError(f"{source} is already quantized: build takes the full-precision checkpoint")
         return model_fp
 
-    quant_inputs = {"checkpoint": source_sha, "precision": config.precision, "method": config.method,
-                    "plan": config.plan, "calib": config.calib, "calib_scenes": config.calib_scenes,
-                    "calib_frames": config.calib_frames}
     if quantized:
-        stages.run("calibrate+quantize", quant_inputs, [qpath], lambda: _quantize(fp_model(), config, calib_dir, qpath))
+        from .quant.calibration_set import load_calibration
+        from .quant.distributed import init_from_environment
+        from .quant.forward import resolve_device
+
+        device = resolve_device(config.device)
+        shard = init_from_environment(device)
+        stages.writer = shard.is_main
+        calib = load_calibration(config.calib, fp_model(), config.calib_scenes, config.calib_frames)
+        qconfig = _quant_config(config, device)
+        # Everything the checkpoint depends on: the model file, the calibration pixels, every quantization
+        # setting, the package version (which also fixes the synthetic renderer).
+        quant_inputs = {"checkpoint": source_sha, "calibration": calib.fingerprint(), "quant": asdict(qconfig),
+                        "qvggt_export": __version__}
+        stages.run("calibrate+quantize", quant_inputs, [qpath],
+                   lambda: _quantize(fp_model(), calib, qconfig, calib_dir, qpath, shard.is_main))
+        if not shard.is_main:
+            return {}  # the other ranks only lend their share of the calibration work
         model_source, model_sha = qpath, sha256_file(qpath)
     else:
         model_source, model_sha = source, source_sha
@@ -159,14 +178,22 @@ def build(config: BuildConfig) -> dict:
     return summary
 
 
-def _quantize(model_fp, config: BuildConfig, calib_dir: Path, qpath: Path) -> None:
-    from .quant.calibration_set import load_calibration
-    from .model import save_quantized
-    from .quant.quantizer import QuantConfig, quantize_model
+def _quant_config(config: BuildConfig, device):
+    from .quant.quantizer import FAST_PRESET, QuantConfig
 
-    calib = load_calibration(config.calib, model_fp, config.calib_scenes, config.calib_frames)
-    qconfig = QuantConfig(method=config.method, plan=config.plan, precision=config.precision)
-    save_quantized(quantize_model(model_fp, calib, qconfig, calib_dir=calib_dir), qpath)
+    return QuantConfig(method=config.method, plan=config.plan, precision=config.precision, device=str(device),
+                       dtype=config.dtype, **(FAST_PRESET if config.fast else {}))
+
+
+def _quantize(model_fp, calib, qconfig, calib_dir: Path, qpath: Path, writer: bool) -> None:
+    from .model import save_quantized
+    from .quant.quantizer import quantize_model
+
+    reports = []
+    qmodel = quantize_model(model_fp, calib, qconfig, calib_dir=calib_dir, inplace=True, report_out=reports)
+    if writer:
+        save_quantized(qmodel, qpath)
+        reports[0].progress.clear()
 
 
 def _compare(candidate: Path, reference, image_size, config: BuildConfig, out: Path) -> None:

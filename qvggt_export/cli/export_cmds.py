@@ -9,6 +9,7 @@ import click
 
 from . import main
 from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES
+from .quant_cmds import FAST_HELP, device_options
 
 
 def _frame_options(fn):
@@ -185,8 +186,10 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 @_frame_options
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx", "none"]), default=None,
               help="Engine backend (default: whichever TensorRT imports; none: skip the engine).")
+@click.option("--fast", is_flag=True, help=f"Quantizer preset for large models: {FAST_HELP}.")
+@device_options
 def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, plan, out, image_size, min_frames,
-              opt_frames, max_frames, backend):
+              opt_frames, max_frames, backend, fast, device, dtype):
     """calibrate -> quantize -> export -> lower -> compare -> engine, skipping up-to-date stages.
 
     With no arguments: the embedded vggt-tiny model, synthetic calibration, W4A16. Exit code 1 when the
@@ -198,7 +201,9 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, 
                                 calib=calib, calib_scenes=calib_scenes, calib_frames=calib_frames,
                                 image_size=parse_image_size(image_size) if image_size else None,
                                 min_frames=min_frames, opt_frames=opt_frames, max_frames=max_frames,
-                                backend=backend))
+                                backend=backend, device=device, dtype=dtype, fast=fast))
+    if not summary:
+        return  # a non-main torchrun rank: rank 0 reports
     click.echo(f"build {'done' if summary['compare']['passed'] else 'done, but compare FAILED'}: {summary['out']}")
     sys.exit(0 if summary["compare"]["passed"] else 1)
 
