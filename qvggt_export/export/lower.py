@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, QVGGTError
+from ..kernels.layout import KERNEL_LAYOUT, to_kernel_layout
 from ..log import logger
 from ..quant.pack import pack_nibbles, unpack_int4
 from . import custom_op
@@ -128,11 +129,6 @@ def _to_plugin(graph, node, cache: dict) -> None:
     """Weight and scales into the kernel layout of the TensorRT plugin (qvggt_export.kernels.layout)."""
     import onnx_graphsurgeon as gs
 
-    try:
-        from ..kernels.layout import KERNEL_LAYOUT, to_kernel_layout
-    except ImportError:
-        raise QVGGTError("--target plugin needs qvggt_export.kernels.layout (the W4A16 kernel's weight layout), "
-                         "which this install lacks") from None
     K, N, group, bits = _attrs(node)
     if bits != 4:
         return  # the plugin kernel is W4 only; W8 nodes keep the canonical layout and the ref path

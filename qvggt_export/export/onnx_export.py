@@ -29,6 +29,7 @@ from .onnx_io import EXTERNAL_DATA_THRESHOLD, load_onnx, save_onnx
 from .runtime import ort_session
 from .spec import ExportConfig
 
+
 class ExportValidationError(QVGGTError):
     """The exported graph does not compute what the PyTorch model computes."""
 
