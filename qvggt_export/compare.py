@@ -119,11 +119,8 @@ def synthetic_inputs(image_size: tuple[int, int], scenes: int, frames: int) -> l
 def image_inputs(paths, image_size: tuple[int, int] | None) -> list[dict[str, np.ndarray]]:
     from .data.images import load_and_preprocess_images
 
-    images = load_and_preprocess_images([str(p) for p in paths]).numpy()
-    if image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
-        raise InputError(f"images preprocess to {images.shape[-2]}x{images.shape[-1]}, but the model is fixed "
-                         f"to {image_size[0]}x{image_size[1]}; export it with --image-size "
-                         f"{images.shape[-2]}x{images.shape[-1]}")
+    # Preprocessed to the model's fixed size (data.images: crop / pad to exactly that size).
+    images = load_and_preprocess_images([str(p) for p in paths], size=image_size).numpy()
     return [{spec.INPUT_NAME: images[None].astype(np.float32)}]
 
 

@@ -40,14 +40,21 @@ def _run(model, images, device: str) -> dict[str, np.ndarray]:
     return preds
 
 
-def predict_images(paths, checkpoint: str | None, mode: str, out: str | Path, device: str = "cpu") -> dict:
-    from .data.images import load_and_preprocess_images
+def predict_images(paths, checkpoint: str | None, mode: str, out: str | Path, device: str = "cpu",
+                   image_size: tuple[int, int] | None = None) -> dict:
+    """`image_size` (H, W) overrides the model's native input size (data.images.native_size)."""
+    from .data.images import image_size as read_image_size
+    from .data.images import load_and_preprocess_images, native_size
 
     if Path(out).suffix != ".npz":
         raise InputError(f"output must be an .npz file, got {out}")
-    images = load_and_preprocess_images([str(p) for p in paths], mode=mode)
+    for path in paths:  # a bad file fails before the (slow) model load
+        read_image_size(path)
+    model = _load(checkpoint, device)
+    images = load_and_preprocess_images([str(p) for p in paths], mode=mode,
+                                        size=image_size or native_size(model.config))
     logger.info("preprocessed %d images to %dx%d (%s)", images.shape[0], images.shape[-2], images.shape[-1], mode)
-    preds = _run(_load(checkpoint, device), images, device)
+    preds = _run(model, images, device)
     save_predictions(out, preds)
     return preds
 

@@ -72,3 +72,42 @@ def test_empty_list_and_bad_mode_raise_input_error():
         load_and_preprocess_images([])
     with pytest.raises(InputError):
         load_and_preprocess_images(IMAGES[:1], mode="stretch")
+
+
+@pytest.mark.parametrize(
+    "source, mode, resized_hw, crop_top, pad_top, pad_left",
+    [
+        ((400, 300), "crop", (84, 112), 0, 0, 0),  # the native 3:4 aspect: a plain resize
+        ((640, 360), "crop", (56, 112), 0, 14, 0),  # 63 rows round (half to even) to 56: white-padded to 84
+        ((300, 400), "crop", (154, 112), 35, 0, 0),  # portrait: centre-cropped to 84 rows
+        ((300, 400), "pad", (84, 56), 0, 0, 28),  # portrait fitted inside 84x112
+        ((640, 360), "pad", (56, 112), 0, 14, 0),
+    ],
+)
+def test_plan_to_a_native_size_gives_exactly_that_size(source, mode, resized_hw, crop_top, pad_top, pad_left):
+    plan = plan_preprocessing(*source, mode, size=(84, 112))
+    assert (plan.resized_hw, plan.crop_top, plan.pad_top, plan.pad_left) == (resized_hw, crop_top, pad_top, pad_left)
+    assert plan.output_hw == (84, 112)
+
+
+def test_native_size_is_exact_and_518x518_pad_is_the_released_rule(expected, tmp_path):
+    images = load_and_preprocess_images([str(p) for p in IMAGES], mode="pad", size=(518, 518))
+    assert np.abs(images.numpy() - expected["pad_batch"]).max() <= 1e-6
+    cropped = load_and_preprocess_images([str(p) for p in IMAGES], mode="crop", size=(84, 112))
+    assert cropped.shape == (3, 3, 84, 112)
+    # Exact-size "crop" of the 4:3 image is the released resize at width 112, nothing else.
+    with Image.open(IMAGES[0]) as image:
+        resized = np.asarray(image.convert("RGB").resize((112, 84), Image.Resampling.BICUBIC), np.float32) / 255
+    assert np.abs(cropped[0].numpy().transpose(1, 2, 0) - resized).max() <= 1e-6
+    with pytest.raises(InputError):
+        load_and_preprocess_images(IMAGES[:1], size=(84, 100))
+
+
+def test_models_without_a_native_size_keep_the_released_518_rule():
+    from qvggt_export.data.images import native_size
+    from qvggt_export.model import VGGTConfig
+    from qvggt_export.model.presets import PRESETS
+
+    assert native_size(VGGTConfig()) is None  # VGGT-1B
+    assert plan_preprocessing(640, 480, "crop", native_size(VGGTConfig())).output_hw == (392, 518)
+    assert native_size(VGGTConfig(**PRESETS["vggt-tiny"])) == (84, 112)

@@ -22,7 +22,8 @@ DATASET_CHOICES = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k"
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the frame sampling.")
 @click.option("--max-scenes", type=int, default=None, help="Evaluate at most this many scenes.")
 @click.option("--image-size", default=None, metavar="HxW",
-              help="Render a synthetic set at this size instead of 392x518 (multiples of 14).")
+              help="Size the images are preprocessed to, or a synthetic set is rendered at (multiples of 14; "
+                   "default: the model's native size, VGGT-1B: the released 518-wide rule).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the full results as JSON here.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size, json_path, device) -> None:
@@ -40,6 +41,10 @@ def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size
     if size is None and dataset.startswith("synthetic-"):
         # Render at the model's native size: a small model is meaningless at synthetic-val's 392x518.
         reader = open_dataset(dataset, root, frames, seed, max_scenes, model.config.default_image_size)
+    elif size is None:
+        from ..data.images import native_size
+
+        reader.image_size = native_size(model.config)
     result = evaluate(model, reader, root=root, frames=frames, seed=seed, device=device)
     result["checkpoint"] = checkpoint or "default"
     click.echo(format_report(result))

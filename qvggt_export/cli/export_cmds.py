@@ -93,7 +93,11 @@ def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_to
     config = CompareConfig(rel_tol=dict.fromkeys(spec.OUTPUT_NAMES, rel_tol), error_stat=error_stat,
                            max_rotation_deg=max_rotation_deg, max_translation_deg=max_translation_deg,
                            min_auc30=min_auc30, max_depth_abs_rel=max_depth_abs_rel, max_point_error=max_point_error)
-    image_size = _model_image_size(candidate)
+    from pathlib import Path
+
+    from ..export.infer import recorded_size
+
+    image_size = recorded_size(Path(candidate))
     if image_size is None:
         raise InputError(f"{candidate} does not record its image size (not exported by qvggt-export?)")
     ref = _reference(reference, checkpoint)
@@ -103,27 +107,6 @@ def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_to
         write_json(report, result)
     click.echo(f"compare {'PASSED' if result['passed'] else 'FAILED'}")
     sys.exit(0 if result["passed"] else 1)
-
-
-def _model_image_size(path) -> tuple[int, int] | None:
-    import json
-    from pathlib import Path
-
-    from ..errors import InputError
-    from ..export import spec
-    from ..export.onnx_io import load_onnx, model_metadata
-
-    path = Path(path)
-    if path.suffix == ".engine":
-        from ..export.engine import sidecar_path
-
-        sidecar = sidecar_path(path)
-        if not sidecar.is_file():
-            raise InputError(f"{path}: no {sidecar.name} beside it (engines built by qvggt-export have one)")
-        return tuple(json.loads(sidecar.read_text())["image_size"])
-    meta = model_metadata(load_onnx(path, load_external_data=False))
-    export = json.loads(meta.get(spec.META_SPEC, "{}"))
-    return tuple(export["image_size"]) if "image_size" in export else None
 
 
 def _reference(reference: str, checkpoint: str | None):
@@ -214,14 +197,18 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, 
 @click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
 @click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="Preprocessing, as `predict`.")
+@click.option("--image-size", default=None, metavar="HxW",
+              help="Preprocess to this size (default: the size MODEL was exported at).")
 @click.option("--plugin-library", default=None, type=click.Path(),
               help="C++ W4A16 plugin (libqvggt_plugins.so) for engines that use it (default: the Python plugin).")
-def infer_cmd(model, images, out, mode, plugin_library):
+def infer_cmd(model, images, out, mode, image_size, plugin_library):
     """Run MODEL (.onnx in ONNX Runtime, or a TensorRT / TensorRT-RTX .engine) on IMAGES (views of one
-    scene); writes the same predictions as `predict` (extrinsic and intrinsic included)."""
+    scene), preprocessed to MODEL's input size; writes the same predictions as `predict` (extrinsic and
+    intrinsic included)."""
     from ..export.infer import infer
+    from ..export.spec import parse_image_size
 
-    infer(model, images, out, mode, plugin_library)
+    infer(model, images, out, mode, plugin_library, parse_image_size(image_size) if image_size else None)
     click.echo(f"wrote {out}")
 
 

@@ -43,7 +43,8 @@ def info(checkpoint: str, as_json: bool) -> None:
                    "synthetic-video:SEED (or -orbit, -forward, -pan) for video-like cameras, e.g. "
                    "synthetic-video:1000100 (the synthetic-video split's first scene).")
 @click.option("--views", default=4, show_default=True, help="Views rendered for --scene.")
-@click.option("--image-size", default=None, metavar="HxW", help="Render size for --scene (default: the model's).")
+@click.option("--image-size", default=None, metavar="HxW", help="Size IMAGES are preprocessed to, or --scene is rendered at (default: the model's native size; "
+                   "VGGT-1B: the released 518-wide rule).")
 @click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="Preprocessing of IMAGES, as the released code.")
 @click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
@@ -65,5 +66,7 @@ def predict(images, checkpoint, scene, views, image_size, mode, out, device) -> 
         for line in report:
             click.echo(line)
     else:
-        predict_images(images, checkpoint, mode, out, device)
+        from ..export.spec import parse_image_size
+
+        predict_images(images, checkpoint, mode, out, device, parse_image_size(image_size) if image_size else None)
     click.echo(f"wrote {out}")

@@ -4,6 +4,12 @@
 height is centre-cropped to 518 if larger. "pad": the longer side -> 518, the other side rounded to a
 multiple of 14, then padded with white (1.0) to 518x518. Alpha is composited on white. Images of
 different sizes in one batch are padded with 1.0 (centred) to the largest size.
+
+With a `size` (H, W) — a model's native input, or the fixed size of an exported graph — the same rules
+aim at H x W and every image comes out exactly H x W: "crop" makes the width W and centre-crops or
+white-pads the height to H; "pad" fits the image inside H x W and pads with white. For (518, 518) "pad"
+is the released rule; "crop" differs only in padding short images to 518 rows (what batch padding
+does to a mixed batch).
 """
 
 from __future__ import annotations
@@ -39,19 +45,35 @@ def _round_to_patch(length: float) -> int:
     return round(length / PATCH_SIZE) * PATCH_SIZE
 
 
-def plan_preprocessing(width: int, height: int, mode: str = "crop") -> ResizePlan:
-    """The resize / crop / pad that preprocessing applies to a width x height image."""
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
+    height, width = size
+    if height <= 0 or width <= 0 or height % PATCH_SIZE or width % PATCH_SIZE:
+        raise InputError(f"image size {height}x{width} must be positive multiples of {PATCH_SIZE}")
+    return int(height), int(width)
+
+
+def plan_preprocessing(width: int, height: int, mode: str = "crop", size: tuple[int, int] | None = None) -> ResizePlan:
+    """The resize / crop / pad that preprocessing applies to a width x height image; `size` (H, W): the
+    exact output size (None: the released 518 rule)."""
     if mode not in MODES:
         raise InputError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
-    if mode == "crop" or width >= height:
-        new_w, new_h = TARGET_SIZE, _round_to_patch(height * (TARGET_SIZE / width))
+    out_h, out_w = (TARGET_SIZE, TARGET_SIZE) if size is None else check_size(size)
+    # "pad" fits the whole image: the side that reaches the target first decides the scale.
+    if mode == "crop" or width * out_h >= height * out_w:
+        new_w, new_h = out_w, max(PATCH_SIZE, _round_to_patch(height * (out_w / width)))
     else:
-        new_w, new_h = _round_to_patch(width * (TARGET_SIZE / height)), TARGET_SIZE
-    if mode == "crop":
-        crop_top = max(new_h - TARGET_SIZE, 0) // 2
-        return ResizePlan((new_h, new_w), crop_top, 0, 0, (min(new_h, TARGET_SIZE), new_w))
-    pad_h, pad_w = TARGET_SIZE - new_h, TARGET_SIZE - new_w
-    return ResizePlan((new_h, new_w), 0, max(pad_h, 0) // 2, max(pad_w, 0) // 2, (TARGET_SIZE, TARGET_SIZE))
+        new_w, new_h = max(PATCH_SIZE, _round_to_patch(width * (out_h / height))), out_h
+    crop_top = max(new_h - out_h, 0) // 2
+    if mode == "crop" and size is None:
+        return ResizePlan((new_h, new_w), crop_top, 0, 0, (min(new_h, out_h), new_w))
+    pad_top, pad_left = max(out_h - new_h, 0) // 2, max(out_w - new_w, 0) // 2
+    return ResizePlan((new_h, new_w), crop_top, pad_top, pad_left, (out_h, out_w))
+
+
+def native_size(config) -> tuple[int, int] | None:
+    """The (H, W) a model's images are preprocessed to: its config's native size; None (the released
+    518 rule) for models that name none, e.g. VGGT-1B."""
+    return tuple(config.image_size) if config.image_size else None
 
 
 def _unreadable(path: Path, exc: Exception) -> InputError:
@@ -100,9 +122,9 @@ def _pad_centered(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(image, (left, pad_w - left, top, pad_h - top), value=1.0)
 
 
-def preprocess_image(image: Image.Image, mode: str = "crop") -> torch.Tensor:
+def preprocess_image(image: Image.Image, mode: str = "crop", size: tuple[int, int] | None = None) -> torch.Tensor:
     """One RGB PIL image -> [3, H, W] in [0, 1] (before batch padding)."""
-    plan = plan_preprocessing(image.width, image.height, mode)
+    plan = plan_preprocessing(image.width, image.height, mode, size)
     new_h, new_w = plan.resized_hw
     tensor = _to_tensor(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
     if new_h > plan.output_hw[0]:
@@ -110,14 +132,15 @@ def preprocess_image(image: Image.Image, mode: str = "crop") -> torch.Tensor:
     return _pad_centered(tensor, *plan.output_hw)
 
 
-def load_and_preprocess_images(image_path_list, mode: str = "crop") -> torch.Tensor:
-    """Image files -> [N, 3, H, W] float32 in [0, 1], as the released VGGT preprocessing."""
+def load_and_preprocess_images(image_path_list, mode: str = "crop", size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image files -> [N, 3, H, W] float32 in [0, 1], as the released VGGT preprocessing; `size` (H, W):
+    exactly that size (see the module docstring)."""
     paths = list(image_path_list)
     if not paths:
         raise InputError("no images given (at least one is required)")
     if mode not in MODES:
         raise InputError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
-    images = [preprocess_image(open_rgb(path), mode) for path in paths]
+    images = [preprocess_image(open_rgb(path), mode, size) for path in paths]
     shapes = {tuple(image.shape[1:]) for image in images}
     if len(shapes) > 1:
         logger.warning("images have different sizes %s; padding with white to the largest", sorted(shapes))

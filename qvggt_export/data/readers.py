@@ -83,6 +83,9 @@ class _SequenceSource:
 class DatasetReader:
     """The sequences of one dataset: listed (and frames selected) up front, loaded one at a time."""
 
+    # (H, W) the images are preprocessed to (a model's native size); None: the released 518 rule.
+    image_size: tuple[int, int] | None = None
+
     def __init__(self, name: str, sources: list[_SequenceSource], skipped: list[str]):
         self.name = name
         self.sources = sources
@@ -93,7 +96,7 @@ class DatasetReader:
 
     def __iter__(self) -> Iterator[Sequence]:
         for source in self.sources:
-            yield _load_sequence(source)
+            yield _load_sequence(source, self.image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +182,9 @@ def _read_depth(path: Path, decoder) -> np.ndarray:
         return decoder(np.asarray(image).astype(np.float64))
 
 
-def _load_sequence(source: _SequenceSource) -> Sequence:
+def _load_sequence(source: _SequenceSource, size: tuple[int, int] | None = None) -> Sequence:
     paths = [frame.image for frame in source.frames]
-    images = load_and_preprocess_images(paths)
+    images = load_and_preprocess_images(paths, size=size)
     sequence = Sequence(source.name, source.group, images, image_paths=paths)
     if any(frame.extrinsic is None for frame in source.frames):
         return sequence
@@ -192,7 +195,7 @@ def _load_sequence(source: _SequenceSource) -> Sequence:
     intrinsics, depths, points, valids = [], [], [], []
     for frame in source.frames:
         source_wh = image_size(frame.image)
-        plan = plan_preprocessing(*source_wh)
+        plan = plan_preprocessing(*source_wh, size=size)
         # Mixed sizes are padded (centred) to the largest in the batch.
         offset_yx = ((batch_hw[0] - plan.output_hw[0]) // 2, (batch_hw[1] - plan.output_hw[1]) // 2)
         intrinsics.append(_resize_intrinsic(frame.intrinsic, source_wh, plan, offset_yx))
@@ -531,7 +534,7 @@ def open_dataset(name: str, root=None, frames: int | None = None, seed: int = 0,
     """List a dataset's sequences and select their frames (layout errors raise InputError here).
 
     `image_size` (H, W) renders a synthetic set (synthetic-val, synthetic-video) at another size (quick runs
-    of small models).
+    of small models), or is the size real images are preprocessed to.
     """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -543,13 +546,15 @@ def open_dataset(name: str, root=None, frames: int | None = None, seed: int = 0,
         if frames is not None and frames < 1:
             raise InputError(f"--frames must be at least 1, got {frames}")
         return SyntheticReader(SYNTHETIC_SETS[name], num_views=frames, max_scenes=max_scenes, image_size=image_size)
-    if image_size is not None:
-        raise InputError("an image size applies to the synthetic sets only (real images use the released "
-                         "preprocessing)")
     selector = _FrameSelector(frames, seed)
     sources = _READERS[name](root, selector)
     if max_scenes is not None:
         sources = sources[:max_scenes]
     if not sources:
         raise InputError(f"no usable sequence in {root} ({len(selector.skipped)} skipped, see the warnings)")
-    return DatasetReader(name, sources, selector.skipped)
+    reader = DatasetReader(name, sources, selector.skipped)
+    if image_size is not None:
+        from .images import check_size
+
+        reader.image_size = check_size(image_size)
+    return reader

@@ -17,10 +17,29 @@ from . import spec
 def _check_size(images: np.ndarray, image_size, frames: tuple[int, int] | None, model: Path) -> None:
     if tuple(images.shape[-2:]) != tuple(image_size):
         raise InputError(f"images preprocess to {images.shape[-2]}x{images.shape[-1]}, but {model.name} is fixed "
-                         f"to {image_size[0]}x{image_size[1]} (export it with --image-size "
-                         f"{images.shape[-2]}x{images.shape[-1]}, or use --mode pad with suitable images)")
+                         f"to {image_size[0]}x{image_size[1]} (drop --image-size, or export the model with "
+                         f"--image-size {images.shape[-2]}x{images.shape[-1]})")
     if frames and not frames[0] <= images.shape[0] <= frames[1]:
         raise InputError(f"{model.name} takes {frames[0]}..{frames[1]} views, got {images.shape[0]}")
+
+
+def recorded_size(model: Path) -> tuple[int, int] | None:
+    """The fixed (H, W) an exported .onnx (its metadata, else its input shape) or a built .engine (its
+    sidecar) takes."""
+    from .engine import sidecar_path
+    from .onnx_io import load_onnx, model_metadata
+
+    if model.suffix == ".engine":
+        sidecar = sidecar_path(model)
+        if not sidecar.is_file():
+            raise InputError(f"{model}: missing {sidecar.name} (engines built by `qvggt-export engine` have one)")
+        return tuple(json.loads(sidecar.read_text())["image_size"])
+    onnx_model = load_onnx(model, load_external_data=False)
+    export = json.loads(model_metadata(onnx_model).get(spec.META_SPEC, "{}"))
+    if "image_size" in export:
+        return tuple(export["image_size"])
+    dims = [d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim[-2:]]
+    return tuple(dims) if len(dims) == 2 and all(dims) else None
 
 
 def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,7 +93,9 @@ def run_engine(path: Path, images: np.ndarray, plugin_library: str | None = None
 
 
 def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop",
-          plugin_library: str | None = None) -> dict[str, np.ndarray]:
+          plugin_library: str | None = None, image_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Views preprocessed to the model's recorded input size (`image_size` overrides it), as `predict`
+    does for a checkpoint's native size."""
     import torch
 
     from ..data.images import load_and_preprocess_images
@@ -88,7 +109,8 @@ def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop",
         raise InputError(f"model not found: {model}")
     if Path(out).suffix != ".npz":
         raise InputError(f"output must be an .npz file, got {out}")
-    images = load_and_preprocess_images([str(p) for p in image_paths], mode=mode).numpy()
+    images = load_and_preprocess_images([str(p) for p in image_paths], mode=mode,
+                                        size=image_size or recorded_size(model)).numpy()
     start = time.perf_counter()
     raw = run_onnx(model, images) if model.suffix == ".onnx" else run_engine(model, images, plugin_library)
     logger.info("%d views of %dx%d through %s in %.2f s", images.shape[0], images.shape[-2], images.shape[-1],
