@@ -2,7 +2,7 @@
 
 Generic code (quant/, export/) asks this module which blocks to quantize, how a block's linears share
 inputs (scale groups), which modules stay full precision, and how tokens are laid out; it never names a
-VGGT module path itself (STYLE.md, "VGGT knowledge lives in one place").
+VGGT module path itself (docs/architecture.md: VGGT knowledge lives in one place).
 """
 
 from __future__ import annotations
@@ -19,12 +19,6 @@ LINEAR_TYPES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 # The least sensitive linear: quantized even inside a block the plan protects (QVGGT paper).
 ALWAYS_QUANTIZED_IN_PROTECTED = ("attn.proj",)
-
-# Modules that stay full precision whatever the plan says: the patch embed (conv / DINOv2), the DPT
-# heads (convolutions), and the camera head's small linears around the trunk (K = 9 is not a multiple
-# of the 128-group, and the modulation / pose branch directly shape the 9 pose numbers).
-SKIPPED_PREFIXES = ("aggregator.patch_embed", "depth_head", "point_head", "track_head",
-                    "camera_head.embed_pose", "camera_head.poseLN_modulation", "camera_head.pose_branch")
 
 # VGGT-1B paper default plan (0-based): these blocks keep FP16 except attn.proj.
 PAPER_PROTECTED_BLOCKS = ("aggregator.frame_blocks.14", "aggregator.frame_blocks.17",
@@ -102,10 +96,6 @@ def linear_type(linear_name: str) -> str:
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Dotted names of the linears a plan may quantize, in execution order."""
     return [f"{b.name}.{t}" for b in quant_blocks(model) for t in LINEAR_TYPES]
-
-
-def is_skipped(name: str) -> bool:
-    return name.startswith(SKIPPED_PREFIXES)
 
 
 def resolve_block_name(model: nn.Module, text: str) -> str | None:
@@ -196,7 +186,6 @@ EXTRA_CAMERA_TOKENS_KEY = "camera_head.extra_tokens"
 # not depend on it.
 
 PIPELINE_KINDS = ("frame", "global")
-HEAD_OF_KIND = {"camera": "camera"}  # block kind -> the head whose forward runs it
 # The heads as the quantizer evaluates them: "camera" -> pose, "dense" -> depth and point maps.
 HEAD_GROUPS = ("camera", "dense")
 PREDICTION_KEYS = {"camera": ("pose_enc",), "dense": ("depth", "depth_conf", "world_points", "world_points_conf")}
