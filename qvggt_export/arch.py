@@ -50,18 +50,24 @@ class ScaleGroup:
                    value rows of qkv; attention is linear in v and proj reads the heads concatenated
                    in v's channel order,
       "input"      no foldable op (GELU is not linear): an explicit multiply by 1/s on the input.
+    objective: the module whose output the search compares with full precision (AutoAWQ's choice: the
+      whole attention for qkv, the MLP for fc1, the linear itself where nothing else follows).
+    clip: whether the weight-clipping search applies (AutoAWQ leaves q/k unclipped: attention logits
+      amplify their errors; qkv holds them fused).
     """
 
     prev_op: str
     layers: tuple[str, ...]
     fold: str
+    objective: str
+    clip: bool = True
 
 
 SCALE_GROUPS = (
-    ScaleGroup("norm1", ("attn.qkv",), "norm"),
-    ScaleGroup("attn.qkv", ("attn.proj",), "last_rows"),
-    ScaleGroup("norm2", ("mlp.fc1",), "norm"),
-    ScaleGroup("mlp.act", ("mlp.fc2",), "input"),
+    ScaleGroup("norm1", ("attn.qkv",), "norm", "attn", clip=False),
+    ScaleGroup("attn.qkv", ("attn.proj",), "last_rows", "attn.proj"),
+    ScaleGroup("norm2", ("mlp.fc1",), "norm", "mlp"),
+    ScaleGroup("mlp.act", ("mlp.fc2",), "input", "mlp.fc2"),
 )
 
 
@@ -139,6 +145,16 @@ def patch_token_mask(x: Tensor, tokens_per_frame: int, num_special: int) -> Tens
 
     positions = torch.arange(x.shape[-2], device=x.device) % tokens_per_frame
     return positions >= num_special
+
+
+def image_token_mask(model: nn.Module, block: BlockSpec, x: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """Boolean mask over x's token axis (dim -2) selecting the image (patch) tokens of a block's input or
+    output; all False where the block sees no patch tokens (token filtering does not apply there)."""
+    import torch
+
+    if not block.has_patch_tokens:
+        return torch.zeros(x.shape[-2], dtype=torch.bool, device=x.device)
+    return patch_token_mask(x, tokens_per_frame(model, image_hw), num_special_tokens(model))
 
 
 def heads_reading(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -26,7 +26,7 @@ def test_planted_fragile_block_ranks_first_and_auto_plan_protects_it(tmp_path):
     model = small_model()
     _plant_fragile_block(model)
     calib = random_calibration()
-    result = calibrate(model, calib, tmp_path / "calib", samples_per_linear=32)
+    result = calibrate(model, calib, tmp_path / "calib")
     blocks = result.sensitivity["blocks"]
     assert set(blocks) == {b.name for b in arch.quant_blocks(model)}
     assert max(blocks, key=lambda b: blocks[b]["score"]) == FRAGILE
@@ -45,7 +45,7 @@ def test_planted_fragile_block_ranks_first_and_auto_plan_protects_it(tmp_path):
 def test_sensitivity_report_resumes_from_a_partial_run(tmp_path):
     model = small_model()
     calib = random_calibration(scenes=1)
-    first = calibrate(model, calib, tmp_path, samples_per_linear=16).sensitivity
+    first = calibrate(model, calib, tmp_path).sensitivity
     report_path = tmp_path / "sensitivity.json"
     partial = json.loads(report_path.read_text())
     kept = arch.quant_blocks(model)[0].name
@@ -53,6 +53,6 @@ def test_sensitivity_report_resumes_from_a_partial_run(tmp_path):
     partial["blocks"] = {kept: {**partial["blocks"][kept], "seconds": -1.0}}
     partial["complete"] = False
     report_path.write_text(json.dumps(partial))
-    resumed = calibrate(model, calib, tmp_path, samples_per_linear=16).sensitivity
+    resumed = calibrate(model, calib, tmp_path).sensitivity
     assert resumed["blocks"][kept]["seconds"] == -1.0
     assert set(resumed["blocks"]) == set(first["blocks"]) and resumed["complete"]

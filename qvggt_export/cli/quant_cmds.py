@@ -64,10 +64,9 @@ def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
 @main.command()
 @calibration_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Calibration directory.")
-@click.option("--samples", default=256, show_default=True, help="Input rows kept per linear for the search.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-block sensitivity analysis.")
 @device_options
-def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_dir, samples, no_sensitivity,
+def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_dir, no_sensitivity,
               device, dtype):
     """Activation statistics, camera tokens and the per-block sensitivity report (cached, resumable;
     data-parallel under torchrun)."""
@@ -75,7 +74,7 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
 
     device, dtype, shard = resolve_run(device, dtype)
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
-    result = run_calibrate(model.to(device), calib, out_dir, samples, sensitivity=not no_sensitivity, dtype=dtype,
+    result = run_calibrate(model.to(device), calib, out_dir, sensitivity=not no_sensitivity, dtype=dtype,
                            shard=shard)
     if result.sensitivity and shard.is_main:
         worst = sorted(result.sensitivity["blocks"].items(), key=lambda kv: kv[1]["score"], reverse=True)[:5]

@@ -55,14 +55,14 @@ def local_scenes(calib: CalibrationSet, shard: Shard) -> list[LocalScene]:
 
 @torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | None = None,
-              samples_per_linear: int = 256, sensitivity: bool = True, bits: int = 4,
+              sensitivity: bool = True, bits: int = 4,
               dtype: torch.dtype = torch.float32, cached: bool = True, shard: Shard | None = None) -> Calibration:
     """Runs (or reuses from `out_dir`) the statistics and sensitivity analysis of `model` (on its device,
     forward in `dtype`) on `calib`; `cached` selects the block cache for the sensitivity trials."""
     model = model.eval()
     shard = shard or current_shard()
     identity = {"model": model_fingerprint(model), "calibration": calib.fingerprint(),
-                "samples_per_linear": samples_per_linear, "bits": bits, "dtype": str(dtype),
+                "bits": bits, "dtype": str(dtype),
                 "qvggt_export": __version__}
     directory = Path(out_dir) if out_dir is not None else None
     scenes = local_scenes(calib, shard)
@@ -72,7 +72,7 @@ def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | Non
     if stats is None:
         forward = make_forward(model, scenes, dtype, cached=False)
         try:
-            stats = collect_stats(model, forward, total, shard, samples_per_linear)
+            stats = collect_stats(model, forward, total, shard)
             spent += forward.block_forwards
         finally:
             forward.close()
