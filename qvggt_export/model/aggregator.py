@@ -23,6 +23,11 @@ def first_and_rest(token: Tensor, batch: int, frames: int) -> Tensor:
     return token.index_select(1, index).expand(batch, -1, *token.shape[2:]).reshape(batch * frames, *token.shape[2:])
 
 
+def _check_images(images: Tensor) -> None:
+    if images.dim() != 5 or images.shape[2] != 3:
+        raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
+
+
 class Aggregator(nn.Module):
     def __init__(self, cfg: VGGTConfig) -> None:
         super().__init__()
@@ -49,15 +54,22 @@ class Aggregator(nn.Module):
         self.patch_start_idx = 1 + cfg.num_register_tokens
         self.kept_layers = cfg.kept_layers
 
+    def normalized(self, images: Tensor) -> Tensor:
+        """[B, S, 3, H, W] in [0, 1] -> [B*S, 3, H, W] normalized as the patch embed expects."""
+        B, S, _, H, W = images.shape
+        return ((images - self.image_mean) / self.image_std).reshape(B * S, 3, H, W)
+
+    def with_special_tokens(self, patches: Tensor, batch: int, frames: int) -> Tensor:
+        """Patch tokens [B*S, P', C] -> [B*S, P, C]: camera, registers, patches."""
+        special = [first_and_rest(self.camera_token, batch, frames), first_and_rest(self.register_token, batch, frames)]
+        return torch.cat([t.to(patches.dtype) for t in special] + [patches], dim=1)
+
     def embed(self, images: Tensor) -> Tensor:
         """[B, S, 3, H, W] in [0, 1] -> tokens [B*S, P, C]: camera, registers, patches."""
-        B, S, _, H, W = images.shape
-        x = ((images - self.image_mean) / self.image_std).reshape(B * S, 3, H, W)
-        patches = self.patch_embed(x)
+        patches = self.patch_embed(self.normalized(images))
         if isinstance(patches, dict):
             patches = patches["x_norm_patchtokens"]
-        special = [first_and_rest(self.camera_token, B, S), first_and_rest(self.register_token, B, S)]
-        return torch.cat([t.to(patches.dtype) for t in special] + [patches], dim=1)
+        return self.with_special_tokens(patches, images.shape[0], images.shape[1])
 
     def rope_tables(self, H: int, W: int, device: torch.device, dtype: torch.dtype) -> RotaryTables | None:
         if self.rope_freq <= 0:
@@ -67,13 +79,33 @@ class Aggregator(nn.Module):
 
     def begin(self, images: Tensor) -> "AggregatorState":
         """The state entering block 0: embedded tokens plus what every block needs (RoPE tables, shape)."""
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
+        _check_images(images)
         B, S, _, H, W = images.shape
-        tokens = self.embed(images)
-        frame_rope = self.rope_tables(H, W, tokens.device, tokens.dtype)
-        global_rope = frame_rope.repeat(S) if frame_rope is not None else None
-        return AggregatorState(tokens, None, {}, B, S, frame_rope, global_rope)
+        return self._aggregator_state(self.embed(images), B, S, (H, W))
+
+    def _aggregator_state(self, tokens: Tensor, batch: int, frames: int, image_hw: tuple[int, int]) -> "AggregatorState":
+        frame_rope = self.rope_tables(*image_hw, tokens.device, tokens.dtype)
+        global_rope = frame_rope.repeat(frames) if frame_rope is not None else None
+        return AggregatorState(tokens, None, {}, batch, frames, frame_rope, global_rope)
+
+    # The DINOv2 patch embed one block at a time (the quantizer's block cache): begin_encoder, then
+    # run_encoder_block for each of its blocks, then end_encoder compute exactly what begin() does.
+
+    def begin_encoder(self, images: Tensor) -> "EncoderState":
+        if not isinstance(self.patch_embed, DINOv2):
+            raise ValueError("the patch embed has no transformer blocks (patch_embed 'conv')")
+        _check_images(images)
+        B, S, _, H, W = images.shape
+        return EncoderState(self.patch_embed.begin(self.normalized(images)), B, S, (H, W))
+
+    def run_encoder_block(self, index: int, state: "EncoderState") -> "EncoderState":
+        return EncoderState(self.patch_embed.run_block(index, state.tokens), state.batch, state.frames, state.image_hw)
+
+    def end_encoder(self, state: "EncoderState") -> "AggregatorState":
+        """The last encoder block's state -> the state entering aggregator block 0."""
+        patches = self.patch_embed.finish(state.tokens)["x_norm_patchtokens"]
+        return self._aggregator_state(self.with_special_tokens(patches, state.batch, state.frames), state.batch,
+                                      state.frames, state.image_hw)
 
     def run_frame_block(self, index: int, state: "AggregatorState") -> "AggregatorState":
         _, P, C = state.tokens.shape
@@ -111,3 +143,14 @@ class AggregatorState:
     frames: int
     frame_rope: RotaryTables | None
     global_rope: RotaryTables | None
+
+
+@dataclass
+class EncoderState:
+    """What flows between the DINOv2 patch embed's blocks: its tokens [B*S, 1 + registers + patches, C]
+    and the shape the aggregator state is built from once the last block has run."""
+
+    tokens: Tensor
+    batch: int
+    frames: int
+    image_hw: tuple[int, int]

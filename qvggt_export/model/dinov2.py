@@ -49,15 +49,20 @@ class DINOv2(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat([pos[:, :1], patch_pos], dim=1).to(dtype)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def begin(self, x: Tensor) -> Tensor:
+        """[N, 3, H, W] (normalized) -> the tokens entering block 0 [N, 1 + registers + patches, C]."""
         n, _, h, w = x.shape
         tokens = self.patch_embed(x)
         tokens = torch.cat([self.cls_token.expand(n, -1, -1).to(tokens.dtype), tokens], dim=1)
         tokens = tokens + self.interpolate_pos_encoding(h // self.patch_size, w // self.patch_size, tokens.dtype)
-        tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(n, -1, -1).to(tokens.dtype), tokens[:, 1:]],
-                           dim=1)
-        for block in self.blocks:
-            tokens = block(tokens)
+        return torch.cat([tokens[:, :1], self.register_tokens.expand(n, -1, -1).to(tokens.dtype), tokens[:, 1:]],
+                         dim=1)
+
+    def run_block(self, index: int, tokens: Tensor) -> Tensor:
+        return self.blocks[index](tokens)
+
+    def finish(self, tokens: Tensor) -> dict[str, Tensor]:
+        """The last block's tokens -> the released output dict."""
         normed = self.norm(tokens)
         r = self.num_register_tokens
         return {
@@ -66,3 +71,10 @@ class DINOv2(nn.Module):
             "x_norm_patchtokens": normed[:, r + 1:],
             "x_prenorm": tokens,
         }
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        # The same steps the quantizer's block cache runs one block at a time (Aggregator.begin_encoder).
+        tokens = self.begin(x)
+        for index in range(len(self.blocks)):
+            tokens = self.run_block(index, tokens)
+        return self.finish(tokens)
