@@ -1,7 +1,9 @@
 """The project's one logger."""
 
 import logging
+import os
 import sys
+import warnings
 
 logger = logging.getLogger("qvggt_export")
 
@@ -19,8 +21,27 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+# Third-party chatter that says nothing about the user's run ("torchvision is not installed. Skipping
+# torchvision::nms" from torch.onnx, deprecation warnings raised inside torch / onnxscript): --verbose only.
+QUIET_LOGGERS = ("onnxscript", "onnx_ir")
+QUIET_WARNING_MODULES = r"(torch|onnxscript|onnx_ir|onnx|onnx_graphsurgeon|polygraphy|copyreg)(\.|$)"
+
+
+def _quiet_third_party() -> None:
+    if "torch" in sys.modules:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    else:  # importing torch resets its loggers' levels; TORCH_LOGS is what it reads then ("-onnx": errors only)
+        os.environ.setdefault("TORCH_LOGS", "-onnx")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=QUIET_WARNING_MODULES)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        _quiet_third_party()
     if not logger.handlers:
         handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("[qvggt] %(message)s"))

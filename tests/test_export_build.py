@@ -59,8 +59,9 @@ def test_cli_one_line_errors(tmp_path_factory, tmp_path):
     cases = [
         (["compare", str(truncated)], "not a readable ONNX model"),
         (["engine", str(truncated), "--backend", "tensorrt-rtx"], "not a readable ONNX model"),
-        # The model is fixed to 28x518; a 4:3 image preprocesses to 392x518.
-        (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.npz")], "is fixed to 28x518"),
+        # The model is fixed to 28x518 (its views are preprocessed to that unless --image-size says otherwise).
+        (["infer", str(onnx_path), str(image), "--image-size", "392x518", "--out", str(tmp_path / "p.npz")],
+         "is fixed to 28x518"),
         (["infer", str(onnx_path), str(image), "--out", str(tmp_path / "p.txt")], "must be an .npz"),
     ]
     for args, message in cases:

@@ -13,11 +13,15 @@ from ..log import setup_logging
 
 
 class _Group(click.Group):
-    """Turns QVGGTError (and a few OS errors on user paths) into one line and exit code 2."""
+    """Turns QVGGTError, bad option values (click's usage errors) and a few OS errors on user paths into one
+    line and exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
         except QVGGTError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
@@ -32,6 +36,15 @@ class _Group(click.Group):
 def main(verbose: bool) -> None:
     """qvggt-export: quantize VGGT to W4A16 (QVGGT), export ONNX, build TensorRT engines."""
     setup_logging(verbose)
+
+
+def check_device(ctx, param, value):
+    """--device callback: cpu, cuda or cuda:N that this machine has, else a one-line error."""
+    if value is not None:
+        from ..quant.forward import resolve_device
+
+        resolve_device(value)
+    return value
 
 
 def _register() -> None:

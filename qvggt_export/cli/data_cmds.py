@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from . import check_device, main
 from .model_cmds import CHECKPOINT_HELP
 
 # Mirrors qvggt_export.data.readers.DATASETS (kept here so that --help does not import torch).
@@ -25,7 +25,7 @@ DATASET_CHOICES = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k"
               help="Size the images are preprocessed to, or a synthetic set is rendered at (multiples of 14; "
                    "default: the model's native size, VGGT-1B: the released 518-wide rule).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the full results as JSON here.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu or cuda.")
 def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size, json_path, device) -> None:
     """Evaluate a model: camera pose AUC, depth and point-map errors, per scene and overall."""
     from ..data.readers import open_dataset

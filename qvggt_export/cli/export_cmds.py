@@ -7,15 +7,21 @@ import sys
 
 import click
 
-from . import main
+from . import check_device, main
 from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES
 from .quant_cmds import FAST_HELP, device_options
 
 
+# Counts and tolerances: click checks them, and the CLI group turns a bad value into one `error:` line.
+COUNT = click.IntRange(min=1)
+NON_NEGATIVE = click.FloatRange(min=0)
+
+
 def _frame_options(fn):
-    fn = click.option("--max-frames", default=32, show_default=True, help="Largest number of views.")(fn)
-    fn = click.option("--opt-frames", default=4, show_default=True, help="Views the engine is tuned for.")(fn)
-    fn = click.option("--min-frames", default=1, show_default=True, help="Smallest number of views.")(fn)
+    fn = click.option("--max-frames", default=32, show_default=True, type=COUNT, help="Largest number of views.")(fn)
+    fn = click.option("--opt-frames", default=4, show_default=True, type=COUNT,
+                      help="Views the engine is tuned for.")(fn)
+    fn = click.option("--min-frames", default=1, show_default=True, type=COUNT, help="Smallest number of views.")(fn)
     fn = click.option("--image-size", default=None, metavar="HxW",
                       help="Fixed input size (default: the model's native size; 518x518 for VGGT-1B).")(fn)
     return fn
@@ -69,16 +75,16 @@ def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, 
                    "checkpoint in PyTorch) or another .onnx/.engine.")
 @click.option("--checkpoint", "-c", default=None, help="Checkpoint for a PyTorch reference. " + CHECKPOINT_HELP)
 @click.option("--images", multiple=True, type=click.Path(), help="Views of one scene (default: synthetic scenes).")
-@click.option("--scenes", default=2, show_default=True, help="Synthetic scenes.")
-@click.option("--frames", default=4, show_default=True, help="Views per synthetic scene.")
-@click.option("--rel-tol", default=1e-3, show_default=True,
+@click.option("--scenes", default=2, show_default=True, type=COUNT, help="Synthetic scenes.")
+@click.option("--frames", default=4, show_default=True, type=COUNT, help="Views per synthetic scene.")
+@click.option("--rel-tol", default=1e-3, show_default=True, type=NON_NEGATIVE,
               help="Per-output tolerance, relative to the reference output's range (Polygraphy atol).")
 @click.option("--error-stat", type=click.Choice(["max", "mean", "median"]), default="max", show_default=True)
-@click.option("--max-rotation-deg", default=1.0, show_default=True)
-@click.option("--max-translation-deg", default=2.0, show_default=True)
-@click.option("--min-auc30", default=90.0, show_default=True)
-@click.option("--max-depth-abs-rel", default=0.02, show_default=True)
-@click.option("--max-point-error", default=0.02, show_default=True, help="Mean point error / mean point norm.")
+@click.option("--max-rotation-deg", default=1.0, show_default=True, type=NON_NEGATIVE)
+@click.option("--max-translation-deg", default=2.0, show_default=True, type=NON_NEGATIVE)
+@click.option("--min-auc30", default=90.0, show_default=True, type=click.FloatRange(0, 100))
+@click.option("--max-depth-abs-rel", default=0.02, show_default=True, type=NON_NEGATIVE)
+@click.option("--max-point-error", default=0.02, show_default=True, type=NON_NEGATIVE, help="Mean point error / mean point norm.")
 @click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
 def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_tol, error_stat, max_rotation_deg,
                 max_translation_deg, min_auc30, max_depth_abs_rel, max_point_error, report):
@@ -128,9 +134,9 @@ def _reference(reference: str, checkpoint: str | None):
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
               help="Default: whichever TensorRT imports (standard first).")
 @click.option("--out", "-o", default=None, type=click.Path(), help="Output .engine (default: MODEL with .engine).")
-@click.option("--min-frames", type=int, default=None, help="Profile minimum (default: the export's).")
-@click.option("--opt-frames", type=int, default=None)
-@click.option("--max-frames", type=int, default=None)
+@click.option("--min-frames", type=COUNT, default=None, help="Profile minimum (default: the export's).")
+@click.option("--opt-frames", type=COUNT, default=None)
+@click.option("--max-frames", type=COUNT, default=None)
 @click.option("--timing-cache", default=None, type=click.Path(), help="Timing cache file (read and updated).")
 @click.option("--no-fp16", is_flag=True, help="Standard TensorRT: do not allow FP16 kernels.")
 @click.option("--plugin-library", default=None, type=click.Path(),
@@ -161,8 +167,8 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 @click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint: " + CHECKPOINT_SOURCES)
 @click.option("--calib", default="synthetic", show_default=True,
               help="'synthetic' or a folder of image folders (one per scene).")
-@click.option("--calib-scenes", default=4, show_default=True)
-@click.option("--calib-frames", default=4, show_default=True)
+@click.option("--calib-scenes", default=4, show_default=True, type=COUNT)
+@click.option("--calib-frames", default=4, show_default=True, type=COUNT)
 @click.option("--method", type=click.Choice(["qvggt", "awq", "gptq", "rtn"]), default="qvggt", show_default=True)
 @click.option("--plan", default=None, help="auto | paper | uniform | plan file (default: the method's).")
 @click.option("--out", "-o", default=None, type=click.Path(), help="Output folder (default engines/NAME-PRECISION).")
@@ -212,28 +218,39 @@ def infer_cmd(model, images, out, mode, image_size, plugin_library):
     click.echo(f"wrote {out}")
 
 
+def _frame_list(text: str) -> tuple[int, ...]:
+    try:
+        frames = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        frames = ()
+    if not frames or min(frames) < 1:
+        raise click.BadParameter(f"must be positive integers separated by commas, like 1,2,8; got {text!r}")
+    return frames
+
+
 @main.command("bench")
 @click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint: " + CHECKPOINT_SOURCES)
 @click.option("--quantized", "-q", default=None, type=click.Path(),
               help="Its W4A16 checkpoint (default: RTN-quantize the checkpoint here).")
-@click.option("--frames", default="1,2,8", show_default=True, help="Numbers of views.")
+@click.option("--frames", default="1,2,8", show_default=True, callback=lambda ctx, param, value: _frame_list(value),
+              help="Numbers of views, comma-separated.")
 @click.option("--image-size", default=None, metavar="HxW", help="Default: the model's native size.")
-@click.option("--runs", default=3, show_default=True, help="Timed runs per case (after one warm-up).")
-@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--runs", default=3, show_default=True, type=COUNT, help="Timed runs per case (after one warm-up).")
+@click.option("--threads", default=None, type=COUNT, help="Intra-op threads (default: all cores).")
 @click.option("--workdir", default="engines/bench", show_default=True, type=click.Path(),
               help="Where the ONNX files of the benchmark go (reused when up to date).")
 @click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", default="cpu", show_default=True, callback=check_device,
               help="cpu or cuda for the PyTorch cases (cuda: W4A16 through the CUDA kernel).")
 def bench_cmd(checkpoint, quantized, frames, image_size, runs, threads, workdir, report, device):
     """Latency and peak memory of PyTorch and ONNX Runtime, fp32 vs w4a16, printed as ratios."""
     from ..bench import BenchConfig, bench, format_table
+    from ..data.images import check_size
     from ..export.spec import parse_image_size
     from ..io import write_json
 
-    result = bench(BenchConfig(checkpoint=checkpoint, quantized=quantized,
-                               frames=tuple(int(f) for f in frames.split(",")),
-                               image_size=parse_image_size(image_size) if image_size else None, runs=runs,
+    result = bench(BenchConfig(checkpoint=checkpoint, quantized=quantized, frames=frames,
+                               image_size=check_size(parse_image_size(image_size)) if image_size else None, runs=runs,
                                threads=threads, workdir=workdir, device=device))
     for line in format_table(result):
         click.echo(line)

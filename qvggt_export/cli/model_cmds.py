@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import main
+from . import check_device, main
 
 CHECKPOINT_SOURCES = (".safetensors/.pt file, a folder holding one, an embedded name (vggt-tiny) or a hub id. "
                       "Default: the embedded vggt-tiny model.")
@@ -48,7 +48,7 @@ def info(checkpoint: str, as_json: bool) -> None:
 @click.option("--mode", type=click.Choice(["crop", "pad"]), default="crop", show_default=True,
               help="Preprocessing of IMAGES, as the released code.")
 @click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu or cuda.")
 def predict(images, checkpoint, scene, views, image_size, mode, out, device) -> None:
     """Run the model on IMAGES (views of one scene) and write its predictions to an .npz.
 
@@ -66,7 +66,9 @@ def predict(images, checkpoint, scene, views, image_size, mode, out, device) -> 
         for line in report:
             click.echo(line)
     else:
+        from ..data.images import check_size
         from ..export.spec import parse_image_size
 
-        predict_images(images, checkpoint, mode, out, device, parse_image_size(image_size) if image_size else None)
+        size = check_size(parse_image_size(image_size)) if image_size else None
+        predict_images(images, checkpoint, mode, out, device, size)
     click.echo(f"wrote {out}")
