@@ -78,12 +78,22 @@ class FullModelForward:
         self.model, self.scenes, self.dtype = model, scenes, dtype
         self.device = next(model.parameters()).device
         self.current_scene: int | None = None  # global index of the scene being run (for hooks)
+        # Block calls on one scene: pipeline blocks (all tokens of all views: the cost that matters) and
+        # blocks inside a head (the camera trunk: one token a view, once per refinement iteration).
         self.block_forwards = 0
-        self._counters = [m.register_forward_hook(self._count) for m in arch.block_modules(model).values()]
+        self.head_block_forwards = 0
+        self._counters = [model.get_submodule(b.name).register_forward_hook(self._counter(arch.is_pipeline_block(b)))
+                          for b in arch.quant_blocks(model)]
 
-    def _count(self, *_) -> None:
-        if self.current_scene is not None:  # this forward is running (several may hook one model)
-            self.block_forwards += 1
+    def _counter(self, pipeline: bool):
+        def count(*_) -> None:
+            if self.current_scene is None:  # another forward hooked on the same model is running
+                return
+            if pipeline:
+                self.block_forwards += 1
+            else:
+                self.head_block_forwards += 1
+        return count
 
     def close(self) -> None:
         for handle in self._counters:

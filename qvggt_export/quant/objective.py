@@ -138,8 +138,3 @@ def mean_fidelity(per_scene: list[dict[str, float]]) -> dict[str, float]:
 def fidelity(preds: list[dict[str, Tensor]], refs: list[dict[str, Tensor]]) -> dict[str, float]:
     """scene_fidelity averaged over scenes."""
     return mean_fidelity([scene_fidelity(p, r) for p, r in zip(preds, refs)])
-
-
-def relative_error(out: Tensor, ref: Tensor) -> float:
-    """||out - ref||^2 / ||ref||^2: the layer reconstruction error, comparable across layers."""
-    return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-20))

@@ -32,19 +32,21 @@ from ..log import logger
 from .calibration_run import Calibration, calibrate, local_scenes
 from .calibration_set import CalibrationSet
 from .cic import DEFAULT_COMPONENTS, cic_token
-from .distributed import Shard, current_shard, sum_in_order
-from .forward import DTYPES, FullModelForward, make_forward, resolve_device, resolve_dtype
+from .distributed import Shard, current_shard, gather_in_order, sum_in_order
+from .forward import DTYPES, FullModelForward, autocast, make_forward, resolve_device, resolve_dtype
 from .gptq import gptq_quantize
 from .linear import QuantLinear
 from .modules import replace_module, restore, snapshot
 from .objective import LOSS_WEIGHTS, Targets, check_finite, gathered_task_loss, make_targets
 from .plan import auto_plan, paper_plan, quantized_layers, read_plan_file, summarize, uniform_plan
 from .progress import QuantizeProgress
-from .scale import apply_scale, candidate_scales, fake_quantize_with_scales, reconstruction_error
+from .pack import group_scales
+from .scale import (apply_scale, candidate_scales, clip_search, fake_quantize_with_scales, scaled_round_trip,
+                    weight_channel_mean)
 
 COMPONENTS = ("mixed", "token_filter", "cic", "task_aware")
 # `--fast`: fewer scale candidates and task-aware trials (the trials dominate the time on VGGT-1B).
-FAST_PRESET = {"grid": 6, "task_topk": 2}
+FAST_PRESET = {"grid": 10, "task_topk": 2}
 ROUNDINGS = ("rtn", "gptq")
 
 
@@ -52,17 +54,19 @@ ROUNDINGS = ("rtn", "gptq")
 class Method:
     name: str
     scale_search: bool  # AWQ-style per-channel scales, searched per scale group (arch.SCALE_GROUPS)
+    clip: bool  # AutoAWQ's weight-clipping search after the scales (RTN rounding only)
     rounding: str  # default rounding of the (scaled) weights: "rtn" | "gptq"
     components: tuple[str, ...]  # QVGGT components this method may switch on
     summary: str
 
 
 METHODS = {m.name: m for m in (
-    Method("rtn", False, "rtn", (), "round to nearest, group-wise symmetric"),
-    Method("awq", True, "rtn", (), "AWQ scale search on the layer reconstruction error, then RTN"),
-    Method("gptq", False, "gptq", (), "GPTQ rounding with error feedback through the inverse Hessian"),
-    Method("qvggt", True, "rtn", COMPONENTS, "AWQ scale search + mixed precision, token filtering, CIC and the "
-                                             "task-aware search"),
+    Method("rtn", False, False, "rtn", (), "round to nearest, group-wise symmetric"),
+    Method("awq", True, True, "rtn", (), "AutoAWQ: duo scales searched on the output of the module they feed, "
+                                         "weight clipping, then RTN"),
+    Method("gptq", False, False, "gptq", (), "GPTQ rounding with error feedback through the inverse Hessian"),
+    Method("qvggt", True, True, "rtn", COMPONENTS, "AWQ + mixed precision, token filtering, CIC and the "
+                                                   "task-aware search"),
 )}
 
 
@@ -77,11 +81,13 @@ class QuantConfig:
     protect: int | None = None
     threshold: float | None = None
     precision: str = "w4a16"
-    grid: int = 11  # alphas 0, 1/(grid-1), ..., 1
+    grid: int = 20  # alphas 0, 1/grid, ..., (grid-1)/grid (AutoAWQ's grid)
     task_topk: int = 3  # alphas per scale group (best by reconstruction) scored by the task loss
     targets: str = "auto"  # "auto" (ground truth when the calibration set has it) | "fp"
     cic_components: int = DEFAULT_COMPONENTS
     rounding: str | None = None  # None: the method's own
+    act_order: bool = False  # GPTQ rounding: columns in order of decreasing Hessian diagonal
+    clip_rows: int = 4096  # input rows per linear for the clipping search, sampled across scenes
     loss_weights: dict[str, float] = field(default_factory=lambda: dict(LOSS_WEIGHTS))
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # forward dtype; None: bf16 on CUDA, fp32 on the CPU
@@ -108,7 +114,9 @@ class QuantConfig:
         """Which method steps and components are in effect."""
         method = METHODS[self.method]
         on = {c: c in method.components and getattr(self, c) for c in COMPONENTS}
-        return {"scale_search": method.scale_search, "rounding": self.rounding or method.rounding, **on}
+        rounding = self.rounding or method.rounding
+        return {"scale_search": method.scale_search, "clip": method.clip and rounding == "rtn", "rounding": rounding,
+                **on}
 
 
 @dataclass
@@ -155,6 +163,10 @@ class BlockQuantizer:
         self.bits = quantized_layers(plan)
         self.qscales: dict[str, Tensor] = {}
         self.entries: dict[str, dict] = {}
+        self.chosen_scales: dict[str, Tensor] = {}  # per linear: the scale its group settled on
+        self.clip_scales: dict[str, Tensor] = {}  # per linear: group scales after the clipping search
+        self.calls: dict = {}
+        self.rows: dict = {}
 
     def planned(self, block: str) -> list[str]:
         return [f"{block}.{t}" for t in arch.LINEAR_TYPES if f"{block}.{t}" in self.bits]
@@ -167,8 +179,77 @@ class BlockQuantizer:
         with torch.no_grad():
             for name in names:
                 weight = self.model.get_submodule(name).weight
-                wq, self.qscales[name] = fake_quantize_with_scales(weight, self.bits[name])
+                wq, self.qscales[name] = fake_quantize_with_scales(weight, self.bits[name],
+                                                                   scales=self.clip_scales.get(name))
                 weight.copy_(wq)
+
+    def capture(self, block: arch.BlockSpec) -> None:
+        """One exercise of the block: each scale group's objective-module calls (inputs, FP output, image-token
+        mask) and each planned linear's sampled input rows, per local scene."""
+        groups = [g for g in arch.SCALE_GROUPS]
+        self.calls = {g.objective: {} for g in groups}
+        self.rows = {n: {} for n in self.planned(block.name)}
+        per_call = max(1, -(-self.config.clip_rows // self.total))
+        images = {local.index: local.scene for local in self.forward.scenes}
+        generators = {i: torch.Generator().manual_seed(1_000_003 * self.block_index(block) + i) for i in images}
+
+        def mask_for(x: Tensor, scene: int) -> Tensor:
+            if not self.parts["token_filter"]:
+                return torch.ones(x.shape[-2], dtype=torch.bool, device=x.device)
+            mask = arch.image_token_mask(self.model, block, x, tuple(images[scene].images.shape[-2:]))
+            return mask if mask.any() else torch.ones_like(mask)  # no patch tokens here: nothing to filter
+
+        def module_hook(name):
+            def hook(module, args, kwargs, output):
+                scene = self.forward.current_scene
+                self.calls[name].setdefault(scene, []).append((args, kwargs, output.detach(), mask_for(output, scene)))
+            return hook
+
+        def linear_hook(name):
+            def hook(module, args):
+                x, scene = args[0].detach(), self.forward.current_scene
+                rows = x[..., mask_for(x, scene), :].reshape(-1, x.shape[-1])
+                if rows.shape[0] > per_call:
+                    pick = torch.randperm(rows.shape[0], generator=generators[scene])[:per_call]
+                    rows = rows[pick.sort().values.to(rows.device)]
+                self.rows[name].setdefault(scene, []).append(rows.float())
+            return hook
+
+        block_module = self.model.get_submodule(block.name)
+        handles = [block_module.get_submodule(g.objective).register_forward_hook(module_hook(g.objective),
+                                                                              with_kwargs=True) for g in groups]
+        handles += [self.model.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in self.rows]
+        try:
+            self.forward.exercise(block)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def block_index(self, block: arch.BlockSpec) -> int:
+        return [b.name for b in arch.quant_blocks(self.model)].index(block.name)
+
+    def sample_rows(self, name: str) -> Tensor:
+        """The linear's sampled input rows over every scene (scene order)."""
+        local = [torch.cat(self.rows[name][i]).cpu() for i in sorted(self.rows[name])]
+        return torch.cat(gather_in_order(local, self.shard, self.total)).to(next(self.model.parameters()).device)
+
+    @torch.no_grad()
+    def module_error(self, block: arch.BlockSpec, group: arch.ScaleGroup) -> float:
+        """Relative error ||y - y_fp||^2 / ||y_fp||^2 of the group's objective module on its captured inputs
+        (image tokens only under token filtering), over every scene."""
+        module = self.model.get_submodule(f"{block.name}.{group.objective}")
+        local = []
+        for scene in sorted(self.calls[group.objective]):
+            err = ref = 0.0
+            for args, kwargs, out, mask in self.calls[group.objective][scene]:
+                with autocast(self.forward.device, self.forward.dtype):
+                    y = module(*args, **kwargs)
+                diff = (y.float() - out.float())[..., mask, :]
+                err += float(diff.pow(2).sum())
+                ref += float(out.float()[..., mask, :].pow(2).sum())
+            local.append((err, ref))
+        parts = gather_in_order(local, self.shard, self.total)
+        return sum(e for e, _ in parts) / max(sum(r for _, r in parts), 1e-20)
 
     def search_group(self, block: arch.BlockSpec, group: arch.ScaleGroup) -> None:
         layers = [f"{block.name}.{n}" for n in group.layers]
@@ -176,30 +257,51 @@ class BlockQuantizer:
             return  # a full-precision layer gains nothing from scaling
         filtered = self.parts["token_filter"]
         stats = [self.calibration.stats.linears[n] for n in layers]
-        absmean = sum(s.absmean_image if filtered else s.absmean_all for s in stats)
-        device = next(self.model.parameters()).device
-        samples = [(s.samples_image if filtered else s.samples_all).float().to(device) for s in stats]
-        alphas = [i / (self.config.grid - 1) for i in range(self.config.grid)]
+        x_mean = sum(s.absmean_image if filtered else s.absmean_all for s in stats)
+        w_mean = weight_channel_mean([self.model.get_submodule(n).weight for n in layers])
+        alphas = [i / self.config.grid for i in range(self.config.grid)]
         recon = {}
+        originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in layers}
         for alpha in alphas:
-            s = candidate_scales(absmean, alpha).to(device)
-            recon[alpha] = sum(reconstruction_error(self.model.get_submodule(n).weight, x, s, self.bits[n])
-                               for n, x in zip(layers, samples)) / len(layers)
+            s = candidate_scales(x_mean, alpha, w_mean).to(originals[layers[0]].device)
+            with torch.no_grad():
+                for n in layers:
+                    self.model.get_submodule(n).weight.copy_(scaled_round_trip(originals[n], s, self.bits[n]))
+            recon[alpha] = self.module_error(block, group)
+        with torch.no_grad():
+            for n in layers:
+                self.model.get_submodule(n).weight.copy_(originals[n])
         scores = dict(recon)
         prev = f"{block.name}.{group.prev_op}"
         if self.parts["task_aware"]:
             scores = {}
             for alpha in sorted(recon, key=recon.get)[: self.config.task_topk]:
                 saved = snapshot(self.model, [prev] + layers)
-                apply_scale(self.model, prev, layers, group.fold, candidate_scales(absmean, alpha))
+                apply_scale(self.model, prev, layers, group.fold, candidate_scales(x_mean, alpha, w_mean))
                 self.fake_quantize(layers)
                 scores[alpha] = self.task_loss() + recon[alpha]
                 restore(self.model, saved)
         best = min(scores, key=scores.get)
-        apply_scale(self.model, prev, layers, group.fold, candidate_scales(absmean, best))
+        chosen = candidate_scales(x_mean, best, w_mean)
+        apply_scale(self.model, prev, layers, group.fold, chosen)
         for n in layers:
+            self.chosen_scales[n] = chosen
             self.entries[n] = {"alpha": best, "alpha_recon": min(recon, key=recon.get), "recon": recon[best],
                                "recon_alpha0": recon[0.0], "score": scores[best]}
+
+    def clip(self, block: arch.BlockSpec) -> None:
+        """AutoAWQ's clipping search on each planned linear of a clippable group, on its (scaled) inputs."""
+        clippable = {f"{block.name}.{n}" for g in arch.SCALE_GROUPS if g.clip for n in g.layers}
+        for name in self.planned(block.name):
+            if name not in clippable:
+                continue
+            weight = self.model.get_submodule(name).weight
+            x = self.sample_rows(name)
+            if name in self.chosen_scales:
+                x = x / self.chosen_scales[name].to(x.device)[None, :]
+            self.clip_scales[name] = clip_search(weight, x, self.bits[name])
+            ratio = self.clip_scales[name] / group_scales(weight, self.bits[name])
+            self.entries.setdefault(name, {})["clip_mean_ratio"] = float(ratio.mean())
 
     def round_rtn(self, block: arch.BlockSpec) -> None:
         self.fake_quantize(self.planned(block.name))
@@ -238,8 +340,12 @@ class BlockQuantizer:
         """Runs the method's steps on one block; returns the block's report entries."""
         self.entries = {}
         if self.parts["scale_search"]:
+            self.capture(block)
             for group in arch.SCALE_GROUPS:
                 self.search_group(block, group)
+            if self.parts["clip"]:
+                self.clip(block)
+            self.calls, self.rows = {}, {}  # the block's captured activations are no longer needed
         (self.round_gptq if self.parts["rounding"] == "gptq" else self.round_rtn)(block)
         return dict(self.entries)
 
