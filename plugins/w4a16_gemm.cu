@@ -329,11 +329,7 @@ __global__ void fill_bias_kernel(const __half* __restrict__ bias, __half* __rest
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-bool shape_ok(int m, int n, int k) {
-  return m >= 1 && n >= kTileN && n % kTileN == 0 && k >= kGroupSize && k % kGroupSize == 0;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 int streaming_multiprocessors() {
   constexpr int kMaxDevices = 64;
@@ -371,14 +367,25 @@ const char* qvggt_w4a16_kernel_layout(void) { return QVGGT_W4A16_KERNEL_LAYOUT; 
 
 size_t qvggt_w4a16_workspace_bytes(int n, int k) { return static_cast<size_t>(n) * k * sizeof(__half); }
 
+const char* qvggt_w4a16_argument_error(const void* x, const void* weight, const void* y, const void* workspace,
+                                       int m, int n, int k) {
+  if (m < 1) return "M (the rows of X) must be at least 1";
+  if (n < kTileN || n % kTileN != 0) return "N must be a positive multiple of 8";
+  if (k < kGroupSize || k % kGroupSize != 0) return "K must be a positive multiple of 128";
+  if (!aligned(x, 16)) return "X must be 16-byte aligned (it is read with cp.async / ldmatrix)";
+  if (!aligned(weight, 16)) return "the weight must be 16-byte aligned (it is read with 128-bit loads)";
+  if (!aligned(y, 4)) return "Y must be 4-byte aligned (it is written as half2)";
+  // Split-K partials (float2 at even columns) and the dequantized fp16 rows (16-byte stores) live here.
+  if (!aligned(workspace, 16)) return "the workspace must be 16-byte aligned";
+  return nullptr;
+}
+
 int qvggt_w4a16_use_fused(int m, int /*n*/, int /*k*/) { return m <= kFusedMaxM ? 1 : 0; }
 
 cudaError_t qvggt_w4a16_fused(const __half* x, const int8_t* weight, const __half* scales, const __half* bias,
                               __half* y, int m, int n, int k, void* workspace, size_t workspace_bytes,
                               cudaStream_t stream) {
-  if (!shape_ok(m, n, k) || !aligned16(x) || !aligned16(weight) || !aligned16(workspace)) {
-    return cudaErrorInvalidValue;
-  }
+  if (qvggt_w4a16_argument_error(x, weight, y, workspace, m, n, k) != nullptr) return cudaErrorInvalidValue;
   const int m_tiles = m <= 16 ? 1 : (m <= 32 ? 2 : 4);
   const int n_blocks = ceil_div(n, kBlockN);
   const int m_blocks = ceil_div(m, 16 * m_tiles);
@@ -415,7 +422,9 @@ cudaError_t qvggt_w4a16_fused(const __half* x, const int8_t* weight, const __hal
 
 cudaError_t qvggt_w4a16_dequantize(const int8_t* weight, const __half* scales, __half* weight_fp16, int n, int k,
                                    cudaStream_t stream) {
-  if (!shape_ok(1, n, k) || !aligned16(weight) || !aligned16(weight_fp16)) return cudaErrorInvalidValue;
+  if (weight_fp16 == nullptr || qvggt_w4a16_argument_error(nullptr, weight, nullptr, weight_fp16, 1, n, k) != nullptr) {
+    return cudaErrorInvalidValue;
+  }
   const size_t chunks = static_cast<size_t>(n / kTileN) * (k / kGroupSize);
   const int blocks = static_cast<int>(std::min<size_t>((chunks + kWarps - 1) / kWarps, 1u << 30));
   dequantize_kernel<<<blocks, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(weight), scales, weight_fp16,
@@ -424,7 +433,7 @@ cudaError_t qvggt_w4a16_dequantize(const int8_t* weight, const __half* scales, _
 }
 
 cudaError_t qvggt_w4a16_fill_bias(const __half* bias, __half* y, int m, int n, cudaStream_t stream) {
-  if (m < 1 || n < 2 || n % 2 != 0) return cudaErrorInvalidValue;
+  if (m < 1 || n < 2 || n % 2 != 0 || !aligned(y, 4)) return cudaErrorInvalidValue;
   constexpr int kFillThreads = 256;
   const size_t pairs = static_cast<size_t>(m) * n / 2;
   fill_bias_kernel<<<grid_stride_blocks(pairs, kFillThreads), kFillThreads, 0, stream>>>(bias, y, m, n);

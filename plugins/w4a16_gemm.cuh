@@ -11,8 +11,9 @@
 //           so one word expands into the B fragments of two m16n8k16 MMA steps without any shuffle.
 //   scales  fp16 [K/128, N].
 //
-// Shapes: M >= 1, N a multiple of 8, K a multiple of 128. Pointers: X and weight 16-byte aligned, the
-// workspace 16-byte aligned; TensorRT and PyTorch allocations are.
+// Shapes: M >= 1, N a multiple of 8, K a multiple of 128. Pointers: X, weight and workspace 16-byte
+// aligned, Y 4-byte aligned (qvggt_w4a16_argument_error checks; TensorRT and PyTorch allocations are,
+// views at an offset into a tensor may not be).
 //
 // This C interface is the one kernel-facing API: the TensorRT C++ plugin, the PyTorch binding
 // (ctypes) and the TensorRT Python plugin (through the binding) all call these functions.
@@ -36,6 +37,12 @@ const char* qvggt_w4a16_kernel_layout(void);
 // Scratch every call may use: the dequantized fp16 weight of the large-M path, N * K * 2 bytes.
 // The small-M path uses at most the same space for its split-K partial sums.
 size_t qvggt_w4a16_workspace_bytes(int n, int k);
+
+// nullptr when the kernels can run these arguments (shapes and pointer alignment), else why not, in
+// words; the kernel entry points return cudaErrorInvalidValue in that case. Pass nullptr for a pointer
+// a path does not use (the workspace of an unsplit fused call, X and Y of qvggt_w4a16_dequantize).
+const char* qvggt_w4a16_argument_error(const void* x, const void* weight, const void* y, const void* workspace,
+                                       int m, int n, int k);
 
 // Which path serves M rows: 1 = fused small-M kernel, 0 = dequantize into the workspace + a cuBLAS
 // GEMM (the caller runs the GEMM: cuBLAS in the C++ plugin, torch.addmm in the PyTorch binding).

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <exception>
 #include <initializer_list>
+#include <map>
 #include <mutex>
 #include <utility>
 
@@ -37,6 +38,37 @@ void logError(char const* message) noexcept {
   } else {
     std::fprintf(stderr, "%s\n", line);
   }
+}
+
+// One cuBLAS handle per device for every plugin instance in the process (a VGGT-1B engine holds 244
+// W4A16MatMul layers per execution context), created by the first attachToContext on that device and
+// destroyed with the last instance. cublasSetStream changes the handle for all its users, so it and
+// the GEMM it applies to are enqueued under gCublasMutex.
+struct SharedCublas {
+  cublasHandle_t handle{nullptr};
+  int32_t users{0};
+};
+std::mutex gCublasMutex;
+// Never destroyed: plugin instances may outlive static destructors at process exit.
+auto* const gCublasHandles = new std::map<int32_t, SharedCublas>();
+
+cublasHandle_t acquireCublas(int32_t device) {
+  std::lock_guard<std::mutex> lock(gCublasMutex);
+  SharedCublas& shared = (*gCublasHandles)[device];
+  if (shared.handle == nullptr && cublasCreate(&shared.handle) != CUBLAS_STATUS_SUCCESS) {
+    shared.handle = nullptr;
+    return nullptr;
+  }
+  ++shared.users;
+  return shared.handle;
+}
+
+void releaseCublas(int32_t device) {
+  std::lock_guard<std::mutex> lock(gCublasMutex);
+  auto const found = gCublasHandles->find(device);
+  if (found == gCublasHandles->end() || --found->second.users > 0) return;
+  cublasDestroy(found->second.handle);
+  gCublasHandles->erase(found);
 }
 
 // nullptr when the kernel can run these attributes, else why not.
@@ -82,7 +114,7 @@ W4A16MatMulPlugin::W4A16MatMulPlugin(W4A16Attributes attributes) : mAttributes(s
 }
 
 W4A16MatMulPlugin::~W4A16MatMulPlugin() {
-  if (mCublas != nullptr) cublasDestroy(mCublas);
+  if (mCublas != nullptr) releaseCublas(mDevice);
 }
 
 nvinfer1::IPluginCapability* W4A16MatMulPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept {
@@ -196,6 +228,10 @@ int32_t W4A16MatMulPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
   auto const* scales = static_cast<__half const*>(inputs[kInputScales]);
   auto const* bias = mHasBias ? static_cast<__half const*>(inputs[kInputBias]) : nullptr;
   auto* y = static_cast<__half*>(outputs[0]);
+  if (char const* error = qvggt_w4a16_argument_error(x, weight, y, workspace, m, n, k)) {
+    logError(error);
+    return -1;
+  }
 
   if (qvggt_w4a16_use_fused(m, n, k) != 0) {
     cudaError_t const status =
@@ -225,9 +261,16 @@ int32_t W4A16MatMulPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
     logError(qvggt_w4a16_error_string(status));
     return -1;
   }
-  if (cublasSetStream(mCublas, stream) != CUBLAS_STATUS_SUCCESS ||
-      cublasGemmEx(mCublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weightFp16, CUDA_R_16F, k, x, CUDA_R_16F, k,
-                   &beta, y, CUDA_R_16F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+  cublasStatus_t gemm = CUBLAS_STATUS_SUCCESS;
+  {
+    std::lock_guard<std::mutex> lock(gCublasMutex);
+    gemm = cublasSetStream(mCublas, stream);
+    if (gemm == CUBLAS_STATUS_SUCCESS) {
+      gemm = cublasGemmEx(mCublas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, weightFp16, CUDA_R_16F, k, x,
+                          CUDA_R_16F, k, &beta, y, CUDA_R_16F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    }
+  }
+  if (gemm != CUBLAS_STATUS_SUCCESS) {
     logError("cublasGemmEx failed");
     return -1;
   }
@@ -238,8 +281,9 @@ nvinfer1::IPluginV3* W4A16MatMulPlugin::attachToContext(nvinfer1::IPluginResourc
   auto* attached = static_cast<W4A16MatMulPlugin*>(clone());
   if (attached == nullptr) return nullptr;
   attached->mHasBias = mHasBias;
-  if (cublasCreate(&attached->mCublas) != CUBLAS_STATUS_SUCCESS) {
-    logError("cublasCreate failed");
+  if (cudaGetDevice(&attached->mDevice) != cudaSuccess ||
+      (attached->mCublas = acquireCublas(attached->mDevice)) == nullptr) {
+    logError("no CUDA device or cublasCreate failed");
     delete attached;
     return nullptr;
   }

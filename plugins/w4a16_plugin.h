@@ -73,7 +73,8 @@ class W4A16MatMulPlugin final : public nvinfer1::IPluginV3,
   std::vector<nvinfer1::PluginField> mSerializedFields;
   nvinfer1::PluginFieldCollection mSerializedCollection{};
   bool mHasBias{false};             // from configurePlugin / onShapeChange: enqueue is not told the input count
-  cublasHandle_t mCublas{nullptr};  // created per execution context in attachToContext
+  cublasHandle_t mCublas{nullptr};  // the device's shared handle, taken in attachToContext
+  int32_t mDevice{-1};
 };
 
 class W4A16MatMulPluginCreator final : public nvinfer1::IPluginCreatorV3One {

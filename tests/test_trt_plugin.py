@@ -1,4 +1,9 @@
-"""The Python TensorRT plugin against a real TensorRT builder: TensorRT for RTX builds on a CPU."""
+"""The Python and the C++ TensorRT plugins against a real TensorRT builder: TensorRT for RTX builds on a CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -47,8 +52,9 @@ def mlp_model(layers=LAYERS, layout=KERNEL_LAYOUT) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(PLUGIN_NAMESPACE, 1)])
 
 
-def parse(model: onnx.ModelProto):
-    register_plugin(trt)
+def parse(model: onnx.ModelProto, python_plugin: bool = True):
+    if python_plugin:
+        register_plugin(trt)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -61,6 +67,53 @@ def parse(model: onnx.ModelProto):
 def plugin_layers(network):
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     return [layer for layer in layers if layer.type == trt.LayerType.PLUGIN_V3]
+
+
+def parse_and_build(python_plugin: bool = True) -> dict:
+    """The MLP's plugin layers (input types, output type and shape) and its engine size."""
+    builder, network, ok, errors = parse(mlp_model(), python_plugin)
+    assert ok and not errors, errors
+    layers = [{"inputs": [str(layer.get_input(i).dtype) for i in range(layer.num_inputs)],
+               "output": str(layer.get_output(0).dtype), "shape": list(layer.get_output(0).shape)}
+              for layer in plugin_layers(network)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, 1, 1024), (2, 1374, 1024), (4, 1374, 1024))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    return {"layers": layers, "engine_bytes": 0 if engine is None else engine.nbytes}
+
+
+# Run in a fresh process: one registry cannot hold the Python and the C++ creator of the same name.
+CPP_PLUGIN_BUILD = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import tensorrt_rtx
+from qvggt_export.export.engine import register_plugins
+from test_trt_plugin import parse_and_build
+register_plugins(tensorrt_rtx, sys.argv[1])
+print(json.dumps(parse_and_build(python_plugin=False)))
+"""
+
+
+@pytest.mark.slow  # builds the C++ plugin (~15 s on 2 busy cores)
+def test_cpp_plugin_library_builds_the_same_engine_as_the_python_plugin(tmp_path):
+    from plugin_build import build_plugin, missing_tools
+
+    version = "10.13"  # TensorRT-RTX 1.x has the TensorRT 10 plugin API
+    reason = missing_tools(version)
+    if reason:
+        pytest.skip(reason=reason)
+    library = build_plugin(version, tmp_path / "plugin")
+    # register_plugins makes the parser's libtensorrt_rtx.so link: without it both plugins abort the
+    # process ("terminate called without an active exception") once a plugin node is imported.
+    result = subprocess.run([sys.executable, "-c", CPP_PLUGIN_BUILD, str(library), str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cpp = json.loads(result.stdout.strip().splitlines()[-1])
+    python = parse_and_build(python_plugin=True)
+    assert cpp["layers"] == python["layers"] and len(cpp["layers"]) == len(LAYERS)
+    assert cpp["engine_bytes"] > 0 and abs(cpp["engine_bytes"] - python["engine_bytes"]) <= 0.01 * python["engine_bytes"]
 
 
 def test_w4a16_nodes_parse_into_plugin_layers_and_build_an_engine_on_cpu():

@@ -138,10 +138,9 @@ def _reference(reference: str, checkpoint: str | None):
 @click.option("--opt-frames", type=COUNT, default=None)
 @click.option("--max-frames", type=COUNT, default=None)
 @click.option("--timing-cache", default=None, type=click.Path(), help="Timing cache file (read and updated).")
-@click.option("--no-fp16", is_flag=True, help="Standard TensorRT: do not allow FP16 kernels.")
 @click.option("--plugin-library", default=None, type=click.Path(),
               help="C++ W4A16 plugin (libqvggt_plugins.so) for `plugin` lowerings (default: the Python plugin).")
-def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_cache, no_fp16, plugin_library):
+def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_cache, plugin_library):
     """Build a TensorRT (Jetson, datacenter GPUs; build on the target) or TensorRT-RTX (RTX GPUs; builds
     anywhere, even on a CPU) engine from MODEL.onnx. `plugin` lowerings register the W4A16 plugin."""
     from pathlib import Path
@@ -156,7 +155,7 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
                          "`pip install 'qvggt-export[rtx]'` for TensorRT-RTX")
     load_onnx(model, load_external_data=False)  # one-line error for a missing or corrupt file
     out = out or str(Path(model).with_suffix(".engine"))
-    info = build_engine(model, out, EngineConfig(backend=backend, fp16=not no_fp16, min_frames=min_frames,
+    info = build_engine(model, out, EngineConfig(backend=backend, min_frames=min_frames,
                                                  opt_frames=opt_frames, max_frames=max_frames,
                                                  timing_cache=timing_cache, plugin_library=plugin_library))
     click.echo(f"wrote {info['engine']} ({info['bytes'] / 1e6:.1f} MB, {backend})")

@@ -54,22 +54,26 @@ def default_backend() -> str | None:
 def register_plugins(trt, library: str | Path | None = None) -> None:
     """The W4A16MatMul plugin creator (needed only by engines of the `plugin` lowering): from the C++
     plugin library (plugins/, `libqvggt_plugins.so`) when given, else the Python plugin."""
-    if library is not None:
-        if not Path(library).is_file():
-            raise QVGGTError(f"plugin library not found: {library} (build it from plugins/ with CMake)")
-        trt.get_plugin_registry().load_library(str(library))
-        return
     try:
-        from .trt_plugin import register_plugin
+        from . import trt_plugin
     except ImportError as exc:
         raise QVGGTError(f"the W4A16 TensorRT plugin is not available in this install ({exc})") from None
-    register_plugin(trt)
+    if library is None:
+        trt_plugin.register_plugin(trt)
+        return
+    if not Path(library).is_file():
+        raise QVGGTError(f"plugin library not found: {library} (build it from plugins/ with CMake)")
+    if trt.__name__ == "tensorrt_rtx":
+        # The same parser trap as for the Python plugin: without it any plugin node aborts the process.
+        trt_plugin.ensure_rtx_parser_can_load_runtime()
+    if not trt.get_plugin_registry().load_library(str(library)):
+        raise QVGGTError(f"{trt.__name__} could not load {library} (see the log above; its CUDA runtime and "
+                         "cuBLAS libraries must be loadable)")
 
 
 @dataclass
 class EngineConfig:
     backend: str = "tensorrt-rtx"
-    fp16: bool = True  # standard TensorRT's FP16 flag; TensorRT-RTX is strongly typed (uses the ONNX types)
     min_frames: int | None = None  # None: from the model's export spec
     opt_frames: int | None = None
     max_frames: int | None = None
@@ -111,10 +115,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
     (s_min, s_opt, s_max), (h, w) = _frames(onnx_path, config)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    flags = 0
-    if config.backend == "tensorrt" and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    # Strongly typed for both backends: every tensor keeps its ONNX type (fp16 activations, the INT8
+    # plugin weight, INT4 DequantizeLinear), where a weakly typed network may pick other precisions or
+    # refuse the INT8 weight constant. TensorRT-RTX networks are always strongly typed.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, trt_logger)
     start = time.perf_counter()
     if not parser.parse_from_file(str(onnx_path)):
@@ -122,8 +126,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
         raise QVGGTError(f"{config.backend} cannot parse {onnx_path}: {errors}")
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
-    if config.fp16 and hasattr(trt.BuilderFlag, "FP16"):
-        builder_config.set_flag(trt.BuilderFlag.FP16)
     if config.backend == "tensorrt-rtx":
         # Ahead-of-time build (works without a GPU): name the GPU generations the engine targets.
         caps = [getattr(trt.ComputeCapability, c) for c in RTX_COMPUTE_CAPABILITIES if hasattr(trt.ComputeCapability, c)]
@@ -150,7 +152,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
             tmp.write_bytes(bytes(builder_config.get_timing_cache().serialize()))
     info = {"engine": str(engine_path), "backend": config.backend, "backend_version": trt.__version__,
             "bytes": engine_path.stat().st_size, "layers_parsed": network.num_layers, "frames": [s_min, s_opt, s_max],
-            "image_size": [h, w], "plugin": has_custom_nodes(onnx_path), "onnx_sha256": sha256_file(onnx_path),
+            "image_size": [h, w], "plugin": has_custom_nodes(onnx_path), "strongly_typed": True, "onnx_sha256": sha256_file(onnx_path),
             "seconds": round(time.perf_counter() - start, 2)}
     # The sidecar tells `infer` and `compare` the engine's input size and whether it needs the plugin.
     write_json(sidecar_path(engine_path), info)

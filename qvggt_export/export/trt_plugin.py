@@ -41,7 +41,7 @@ def register_plugin(trt: ModuleType):
     if trt.__name__ in _creators:
         return _creators[trt.__name__]
     if trt.__name__ == "tensorrt_rtx":
-        _ensure_rtx_parser_can_load_runtime()
+        ensure_rtx_parser_can_load_runtime()
     creator = _plugin_classes(trt)[1]()
     if not trt.get_plugin_registry().register_creator(creator, PLUGIN_NAMESPACE):
         raise QVGGTError(f"{trt.__name__} refused to register the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} plugin creator")
@@ -49,7 +49,7 @@ def register_plugin(trt: ModuleType):
     return creator
 
 
-def _ensure_rtx_parser_can_load_runtime() -> None:
+def ensure_rtx_parser_can_load_runtime() -> None:
     """The tensorrt_rtx ONNX parser dlopens "libtensorrt_rtx.so" (unversioned) when it imports a plugin
     node and aborts the whole process if that fails; the pip wheel ships only libtensorrt_rtx.so.1.
     Add the development link next to it (the parser searches its own directory)."""
