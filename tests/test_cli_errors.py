@@ -69,3 +69,16 @@ def test_third_party_export_noise_only_under_verbose(verbose):
         assert any("torchvision is not installed" in line for line in noise), result.stderr
     else:
         assert noise == [], result.stderr
+
+
+def test_plugin_target_with_a_w8a16_checkpoint_fails_before_exporting(tmp_path):
+    from export_helpers import tiny_quantized_model
+    from qvggt_export.model import save_quantized
+
+    checkpoint = save_quantized(tiny_quantized_model(precision="w8a16"), tmp_path / "w8.safetensors")
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(checkpoint), "--target", "plugin",
+                                       "--out", str(tmp_path / "model.onnx")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "w8a16 layer(s)" in errors[0] and "--target qdq" in errors[0], result.output
+    assert not (tmp_path / "model.onnx").exists()

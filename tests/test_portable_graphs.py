@@ -116,3 +116,10 @@ def test_every_runnable_graph_gives_the_same_outputs_in_the_minimum_onnxruntime(
             # fp16 graphs: kernels of different ORT versions round differently.
             tolerance = 1e-5 if name.startswith("fp32") or "fp32act" in name else 2e-3
             assert float(np.abs(old - value).max()) / span <= tolerance, (name, output)
+
+
+def test_plugin_target_refuses_w8a16_layers(graphs):
+    from qvggt_export.errors import InputError
+
+    with pytest.raises(InputError, match="w8a16 layer"):
+        lower(load_onnx(graphs["w8a16"]), "plugin")

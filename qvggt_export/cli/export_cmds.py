@@ -59,6 +59,12 @@ def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, 
 
     model = load_model(checkpoint)
     plan = getattr(model, "quant_plan", None)
+    w8_layers = [name for name, p in (plan or {}).get("layers", {}).items() if p == "w8a16"]
+    if "plugin" in targets and w8_layers:  # before the export, which takes minutes on VGGT-1B
+        from ..errors import InputError
+
+        raise InputError(f"--target plugin: {len(w8_layers)} w8a16 layer(s) (e.g. {w8_layers[0]}), and the W4A16 "
+                         "plugin runs 4-bit weights only; use --target qdq for w8a16 checkpoints")
     precision = precision or (plan["default_precision"] if plan else "fp32")
     config = _export_config(model, precision, image_size, min_frames, opt_frames, max_frames, activations,
                             not no_validate)

@@ -131,7 +131,9 @@ def _to_plugin(graph, node, cache: dict) -> None:
 
     K, N, group, bits = _attrs(node)
     if bits != 4:
-        return  # the plugin kernel is W4 only; W8 nodes keep the canonical layout and the ref path
+        # Neither plugin has an 8-bit kernel: a W8 node would leave a graph no TensorRT can build.
+        raise InputError(f"--target plugin: {node.name} is a w8a16 layer and the W4A16 plugin runs 4-bit weights "
+                         "only; use --target qdq (INT8 DequantizeLinear, TensorRT's own kernels) for w8a16 layers")
     if _act_dtype(node) != np.float16:
         # TensorRT's parser gives the plugin's fp16 output to fp32 consumers and refuses the graph.
         raise QVGGTError("--target plugin needs an fp16-activation graph (the W4A16 kernel computes in fp16); "
