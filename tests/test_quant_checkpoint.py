@@ -1,29 +1,12 @@
-"""CIC token provenance, and the quantized checkpoint reloading to identical outputs."""
+"""The quantized checkpoint reloading to identical outputs."""
 
 import torch
 
 from quant_helpers import small_calibration, small_model
 from qvggt_export import arch
 from qvggt_export.model import load_model, save_quantized
-from qvggt_export.quant.cic import cic_token
 from qvggt_export.quant.linear import QuantLinear
 from qvggt_export.quant.quantizer import QuantConfig, quantize_model
-
-
-def test_cic_token_lies_in_the_k_dim_principal_subspace_with_the_patch_token_norm():
-    torch.manual_seed(0)
-    # 40 camera tokens of width 64 with a strong shared direction plus noise.
-    tokens = 5 * torch.randn(64) + torch.randn(40, 64)
-    cic = cic_token(tokens, patch_token_norm=3.5, components=32)
-    assert cic.k == 32 and cic.components.shape == (32, 64) and cic.num_tokens == 40
-    assert torch.allclose(cic.components @ cic.components.t(), torch.eye(32), atol=1e-5)
-    token = cic.token[0]
-    in_subspace = (token @ cic.components.t()) @ cic.components
-    assert torch.allclose(in_subspace, token, atol=1e-4)
-    assert abs(float(token.norm()) - 3.5) < 1e-5
-    # The dominant shared direction of the camera tokens survives the reconstruction.
-    mean = tokens.mean(0)
-    assert float(torch.nn.functional.cosine_similarity(token, mean, dim=0)) > 0.95
 
 
 def test_quantized_checkpoint_reloads_to_identical_outputs(tmp_path):

@@ -103,11 +103,14 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
               help="auto: ground truth when the calibration set has it; fp: FP model outputs.")
 @click.option("--rounding", default=None, type=click.Choice(["rtn", "gptq"]),
               help="How scaled weights are rounded (default: the method's own; gptq for --method gptq).")
+@click.option("--act-order", is_flag=True, help="GPTQ rounding: columns by decreasing Hessian diagonal.")
+@click.option("--loss-weights", default=None, metavar="cam=W,depth=W,point=W,geo=W",
+              help="Task-loss weights of the task-aware search (default: all 1, as the paper).")
 @click.option("--fast", is_flag=True, help=f"Preset for large models: {FAST_HELP}.")
 @device_options
 def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_path, method, plan, protect,
              threshold, precision, calib_dir, no_mixed, no_token_filter, no_cic, no_task_aware, grid, task_topk,
-             targets, rounding, fast, device, dtype):
+             targets, rounding, act_order, loss_weights, fast, device, dtype):
     """Quantize a VGGT checkpoint to W4A16 (QVGGT or a baseline) and write a quantized checkpoint.
 
     Resumable: a killed run continues at the next unfinished block (state in the calibration directory).
@@ -122,7 +125,8 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
         settings.update(FAST_PRESET)
     config = QuantConfig(method=method, mixed=not no_mixed, token_filter=not no_token_filter, cic=not no_cic,
                          task_aware=not no_task_aware, plan=plan, protect=protect, threshold=threshold,
-                         precision=precision, targets=targets, rounding=rounding, dtype=dtype, **settings)
+                         precision=precision, targets=targets, rounding=rounding, act_order=act_order, dtype=dtype,
+                         **settings, **({"loss_weights": parse_loss_weights(loss_weights)} if loss_weights else {}))
     config.validate()  # before the (slow) model and data loading
     resolved, _, shard = resolve_run(device, dtype)
     config.device = str(resolved)
@@ -142,6 +146,22 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
                          "run": run_summary(report, shard)})
     report.progress.clear()
     click.echo(f"wrote {out_path} and {sidecar}")
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    from ..errors import InputError
+    from ..quant.objective import LOSS_WEIGHTS
+
+    weights = dict(LOSS_WEIGHTS)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--loss-weights: {item!r} is not NAME=NUMBER") from None
+        if name.strip() not in LOSS_WEIGHTS:
+            raise InputError(f"--loss-weights: unknown part {name.strip()!r}; the parts are {', '.join(LOSS_WEIGHTS)}")
+    return weights
 
 
 def run_summary(report, shard) -> dict:

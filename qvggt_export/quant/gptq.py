@@ -32,13 +32,18 @@ def hessian_inverse_factor(hessian: Tensor, damping: float = DAMPING) -> Tensor:
 
 
 @torch.no_grad()
-def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
+def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, group_size: int = GROUP_SIZE,
+                  act_order: bool = False) -> tuple[Tensor, Tensor]:
     """weight [N, K], hessian [K, K] (sum of x x^T over calibration inputs) -> (dequantized weight [N, K]
-    in fp32, fp16 scales [N, K // group_size])."""
+    in fp32, fp16 scales [N, K // group_size]). `act_order` sweeps the columns by decreasing Hessian
+    diagonal, with the group scales fixed up front from the weights ("static groups"), so the groups stay
+    contiguous runs of 128 input channels as the packed format needs."""
     w = weight.detach().float().clone()
     n, k = w.shape
     dead = torch.diag(hessian) == 0
     w[:, dead] = 0
+    if act_order:
+        return _gptq_act_order(w, hessian.to(w.device), bits, group_size)
     hinv = hessian_inverse_factor(hessian.to(w.device))
     scales = torch.empty(n, k // group_size, dtype=torch.float16, device=w.device)
     out = torch.empty_like(w)
@@ -60,3 +65,27 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, group_size: in
             errors[:, i] = err
         w[:, g1:] -= errors @ hinv[g0:g1, g1:]
     return out, scales
+
+
+def _gptq_act_order(w: Tensor, hessian: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    n, k = w.shape
+    scales16 = group_scales(w, bits, group_size).to(torch.float16)
+    perm = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+    column_scale = scales16.float().repeat_interleave(group_size, dim=1)[:, perm]
+    w = w[:, perm]
+    hinv = hessian_inverse_factor(hessian[perm][:, perm])
+    out = torch.empty_like(w)
+    for c0 in range(0, k, group_size):  # lazy batches of columns, as the reference implementation
+        c1 = min(c0 + group_size, k)
+        block = w[:, c0:c1].clone()
+        errors = torch.empty_like(block)
+        hblock = hinv[c0:c1, c0:c1]
+        for i in range(c1 - c0):
+            col, s = block[:, i], column_scale[:, c0 + i]
+            q = torch.clamp(torch.round(col / s), QMIN[bits], QMAX[bits]) * s
+            out[:, c0 + i] = q
+            err = (col - q) / hblock[i, i]
+            block[:, i:] -= err[:, None] * hblock[i, i:][None, :]
+            errors[:, i] = err
+        w[:, c1:] -= errors @ hinv[c0:c1, c1:]
+    return out[:, torch.argsort(perm)], scales16

@@ -167,6 +167,7 @@ class BlockQuantizer:
         self.clip_scales: dict[str, Tensor] = {}  # per linear: group scales after the clipping search
         self.calls: dict = {}
         self.rows: dict = {}
+        self.calib_scenes = {local.index: local.scene for local in forward.scenes}
 
     def planned(self, block: str) -> list[str]:
         return [f"{block}.{t}" for t in arch.LINEAR_TYPES if f"{block}.{t}" in self.bits]
@@ -190,14 +191,10 @@ class BlockQuantizer:
         self.calls = {g.objective: {} for g in groups}
         self.rows = {n: {} for n in self.planned(block.name)}
         per_call = max(1, -(-self.config.clip_rows // self.total))
-        images = {local.index: local.scene for local in self.forward.scenes}
-        generators = {i: torch.Generator().manual_seed(1_000_003 * self.block_index(block) + i) for i in images}
+        generators = {i: torch.Generator().manual_seed(1_000_003 * self.block_index(block) + i) for i in self.calib_scenes}
 
         def mask_for(x: Tensor, scene: int) -> Tensor:
-            if not self.parts["token_filter"]:
-                return torch.ones(x.shape[-2], dtype=torch.bool, device=x.device)
-            mask = arch.image_token_mask(self.model, block, x, tuple(images[scene].images.shape[-2:]))
-            return mask if mask.any() else torch.ones_like(mask)  # no patch tokens here: nothing to filter
+            return self.token_mask(block, x, scene)
 
         def module_hook(name):
             def hook(module, args, kwargs, output):
@@ -224,6 +221,15 @@ class BlockQuantizer:
         finally:
             for h in handles:
                 h.remove()
+
+    def token_mask(self, block: arch.BlockSpec, x: Tensor, scene: int) -> Tensor:
+        """The tokens (dim -2 of x) the search and the Hessians use: image tokens under token filtering,
+        else all (also where a block sees no patch tokens: nothing to filter there)."""
+        if not self.parts["token_filter"]:
+            return torch.ones(x.shape[-2], dtype=torch.bool, device=x.device)
+        hw = tuple(self.calib_scenes[scene].images.shape[-2:])
+        mask = arch.image_token_mask(self.model, block, x, hw)
+        return mask if mask.any() else torch.ones_like(mask)
 
     def block_index(self, block: arch.BlockSpec) -> int:
         return [b.name for b in arch.quant_blocks(self.model)].index(block.name)
@@ -315,8 +321,8 @@ class BlockQuantizer:
                 x = args[0].detach().float()
                 if getattr(module, "input_scale", None) is not None:  # what the (scaled) weight really sees
                     x = x * module.input_scale.float()
-                x = x.reshape(-1, x.shape[-1])
                 scene = self.forward.current_scene
+                x = x[..., self.token_mask(block, x, scene), :].reshape(-1, x.shape[-1])
                 h = x.t() @ x
                 per_scene[name][scene] = per_scene[name][scene] + h if scene in per_scene[name] else h
             return accumulate
@@ -332,7 +338,7 @@ class BlockQuantizer:
                 scenes = per_scene[name]
                 hessian = sum_in_order([scenes[i] for i in sorted(scenes)], self.shard, self.total)
                 weight = self.model.get_submodule(name).weight
-                wq, self.qscales[name] = gptq_quantize(weight, hessian, self.bits[name])
+                wq, self.qscales[name] = gptq_quantize(weight, hessian, self.bits[name], act_order=self.config.act_order)
                 weight.copy_(wq.to(weight.dtype))
                 self.entries.setdefault(name, {})["rounding"] = "gptq"
 
@@ -399,8 +405,7 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
         check_finite(fp_preds, "the full-precision model")
         use_gt = config.targets == "auto" and calib.has_ground_truth
         targets = make_targets([s.scene for s in scenes], fp_preds, use_gt=use_gt)
-        if parts["task_aware"]:
-            report.fp_task_loss = gathered_task_loss(fp_preds, targets, shard, total, config.loss_weights)[0]
+        report.fp_task_loss = gathered_task_loss(fp_preds, targets, shard, total, config.loss_weights)[0]
         cic = None
         if parts["cic"]:
             cic = cic_token(calibration.stats.camera_tokens, calibration.stats.patch_token_norm, config.cic_components)
@@ -428,8 +433,7 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
         final = forward.predict()
         check_finite(final, "the quantized model")
         report.block_forwards["quantize"] = forward.block_forwards - forwards_before  # trials, cache, final check
-        if parts["task_aware"]:
-            report.final_task_loss = gathered_task_loss(final, targets, shard, total, config.loss_weights)[0]
+        report.final_task_loss = gathered_task_loss(final, targets, shard, total, config.loss_weights)[0]
         report.seconds["pack+check"] = time.perf_counter() - stage
     finally:
         forward.close()
