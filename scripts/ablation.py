@@ -1,11 +1,13 @@
 """Tables 1 and 3 of the QVGGT paper on our model: FP, RTN, AWQ, GPTQ and QVGGT with its parts
-switched on one by one, on synthetic-val scenes.
+switched on one by one, plus the baselines run with QVGGT's own mixed-precision plan (equal bytes, so
+the plan is not counted as a method's win) and QVGGT with GPTQ rounding, on a synthetic split
+(synthetic-val: wide arcs; synthetic-video: video-like trajectories).
 
 Columns: against ground truth (AUC@30, depth AbsRel, point Acc) and fidelity against the FP model's
 own predictions (AUC@30 and mean rotation error with FP poses as reference, depth AbsRel and relative
 point error vs FP outputs), plus the bytes of the quantizable linear weights.
 
-    python scripts/ablation.py [--checkpoint vggt-tiny] [--scenes 10] [--views 10] [--size 84x112]
+    python scripts/ablation.py [--checkpoint vggt-tiny] [--split synthetic-val,synthetic-video] [--scenes 5]
     python scripts/ablation.py --random   # a random model of the vggt-tiny shape (fidelity only)
 """
 
@@ -17,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from qvggt_export.data.synthetic import SYNTHETIC_VAL, render_scene
+from qvggt_export.data.synthetic import SYNTHETIC_SETS, render_scene
 from qvggt_export.geometry import pose_encoding_to_extri_intri
 from qvggt_export.log import setup_logging
 from qvggt_export.metrics import camera_pose_metrics, depth_metrics, pointmap_metrics
@@ -30,12 +32,16 @@ VARIANTS = [
     ("RTN", QuantConfig(method="rtn")),
     ("AWQ", QuantConfig(method="awq")),
     ("GPTQ", QuantConfig(method="gptq")),
+    ("AWQ, QVGGT plan", QuantConfig(method="awq", plan="auto")),
+    ("GPTQ, QVGGT plan", QuantConfig(method="gptq", plan="auto")),
     ("QVGGT: + mixed precision", QuantConfig(token_filter=False, cic=False, task_aware=False)),
     ("QVGGT: + token filtering", QuantConfig(cic=False, task_aware=False)),
     ("QVGGT: + CIC", QuantConfig(task_aware=False)),
     ("QVGGT: + task-aware (full)", QuantConfig()),
     # Task loss against the FP model's own outputs instead of ground truth: what fidelity asks for.
     ("QVGGT: full, FP targets", QuantConfig(targets="fp")),
+    ("QVGGT + GPTQ rounding", QuantConfig(rounding="gptq")),
+    ("QVGGT + GPTQ rounding, FP targets", QuantConfig(rounding="gptq", targets="fp")),
 ]
 
 
@@ -68,8 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="default: the embedded vggt-tiny")
     parser.add_argument("--random", action="store_true", help="random weights of the vggt-tiny shape")
-    parser.add_argument("--scenes", type=int, default=len(SYNTHETIC_VAL.seeds))
-    parser.add_argument("--views", type=int, default=SYNTHETIC_VAL.num_views)
+    parser.add_argument("--split", default="synthetic-val,synthetic-video", help="comma-separated synthetic splits")
+    parser.add_argument("--scenes", type=int, default=None, help="default: the whole split")
+    parser.add_argument("--views", type=int, default=None, help="default: the split's")
+    parser.add_argument("--only", default=None, help="comma-separated variant names to run (default: all)")
     parser.add_argument("--size", default=None, help="HxW of the val views (default: the model's training width, 4:3)")
     parser.add_argument("--calib-scenes", type=int, default=8)
     parser.add_argument("--calib-frames", type=int, default=4)
@@ -86,30 +94,43 @@ def main() -> None:
     else:
         model = load_model(args.checkpoint)
     size = tuple(int(v) for v in args.size.split("x")) if args.size else model.config.default_image_size
-    scenes = [render_scene(seed, args.views, size).in_first_camera_frame()
-              for seed in SYNTHETIC_VAL.seeds[: args.scenes]]
+    splits = {}
+    for name in args.split.split(","):
+        if name not in SYNTHETIC_SETS:
+            parser.error(f"--split: unknown split {name!r} (known: {', '.join(sorted(SYNTHETIC_SETS))})")
+        spec = SYNTHETIC_SETS[name]
+        views = args.views or spec.num_views
+        splits[name] = [render_scene(seed, views, size, spec.trajectory).in_first_camera_frame()
+                        for seed in spec.seeds[: args.scenes or len(spec.seeds)]]
     calib = load_calibration("synthetic", model, args.calib_scenes, args.calib_frames, size)
     calibration = calibrate(model, calib)
-    fp = predictions(model, scenes)
-    rows = {"FP": {**table_row(fp, fp, scenes), "weight MB": weight_bytes(model) / 1e6, "s": 0.0}}
-    for name, config in VARIANTS:
+    fp = {name: predictions(model, scenes) for name, scenes in splits.items()}
+    rows = {name: {"FP": {**table_row(fp[name], fp[name], scenes), "weight MB": weight_bytes(model) / 1e6, "s": 0.0}}
+            for name, scenes in splits.items()}
+    wanted = set(args.only.split(",")) if args.only else None
+    for variant, config in VARIANTS:
+        if wanted is not None and variant not in wanted:
+            continue
         start = time.perf_counter()
         qmodel = quantize_model(model, calib, config, calibration=calibration)
         seconds = time.perf_counter() - start
-        rows[name] = {**table_row(predictions(qmodel, scenes), fp, scenes), "weight MB": weight_bytes(qmodel) / 1e6,
-                      "s": seconds}
-    columns = list(rows["FP"])
-    print(f"\nsynthetic-val: {args.scenes} scenes x {args.views} views at {size[0]}x{size[1]}; calibration "
-          f"{args.calib_scenes}x{args.calib_frames} synthetic; model {'random vggt-tiny shape' if args.random else args.checkpoint or 'vggt-tiny'}")
-    print(f"| {'method':28s} | " + " | ".join(f"{c:>10s}" for c in columns) + " |")
-    print("|" + "-" * 30 + "|" + "|".join("-" * 12 for _ in columns) + "|")
-    for name, row in rows.items():
-        print(f"| {name:28s} | " + " | ".join(f"{row[c]:10.4g}" for c in columns) + " |")
+        for name, scenes in splits.items():
+            rows[name][variant] = {**table_row(predictions(qmodel, scenes), fp[name], scenes),
+                                   "weight MB": weight_bytes(qmodel) / 1e6, "s": seconds}
+    label = "random vggt-tiny shape" if args.random else args.checkpoint or "vggt-tiny"
+    for name, table in rows.items():
+        columns = list(table["FP"])
+        first = splits[name][0]
+        print(f"\n{name}: {len(splits[name])} scenes x {first.images.shape[0]} views at {size[0]}x{size[1]}; "
+              f"calibration {args.calib_scenes}x{args.calib_frames} synthetic; model {label}")
+        print(f"| {'method':34s} | " + " | ".join(f"{c:>10s}" for c in columns) + " |")
+        print("|" + "-" * 36 + "|" + "|".join("-" * 12 for _ in columns) + "|")
+        for variant, row in table.items():
+            print(f"| {variant:34s} | " + " | ".join(f"{row[c]:10.4g}" for c in columns) + " |")
     if args.json:
         from qvggt_export.io import write_json
 
         write_json(args.json, rows)
-
 
 if __name__ == "__main__":
     main()

@@ -1,71 +1,90 @@
-"""Scale check: calibrate + quantize VGGT-1B (random weights) on the CPU; prints stage timings.
+"""Scale check: full QVGGT on VGGT-1B (random weights), block-cached vs the whole model per trial, in one run.
 
-Run under `/usr/bin/time -v` for peak memory. The full task-aware search and the sensitivity analysis
-cost one forward pass of the calibration set per trial; their time is reported as an estimate from the
-measured forward time unless --full is given.
+Prints, for each path: wall time, block-forwards (calibration incl. sensitivity, quantization) and peak
+memory, then the ratios, and a projection of the cached run at 16 scenes x 8 views at 518 on one GPU.
+The projection multiplies the block-forwards the run counts (they scale with the number of scenes, not
+the image size) by each block-forward's FLOPs at 518 and divides by an assumed sustained bf16 throughput
+(--gpu-tflops, default 250 for an H100-class GPU): an estimate, not a measurement.
+
+    python scripts/scale_1b.py                       # VGGT-1B, 1 scene x 2 views at 28x42, both paths
+    python scripts/scale_1b.py --depth 6 --paths cached   # quicker look at a shallower model
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import resource
 import time
-from pathlib import Path
 
 import torch
 
 from qvggt_export import arch
 from qvggt_export.model import VGGT, VGGTConfig
-from qvggt_export.model import load_model, save_quantized
 from qvggt_export.quant.calibration_set import load_calibration
-from qvggt_export.quant.calibration_run import calibrate
-from qvggt_export.quant.objective import predict
-from qvggt_export.quant.quantizer import QuantConfig, quantize_model, weight_bytes
+from qvggt_export.quant.quantizer import FAST_PRESET, QuantConfig, quantize_model
+
+
+def block_flops(model: VGGT, tokens: int) -> float:
+    """Multiply-adds x 2 of one aggregator block on `tokens` tokens (linears + attention scores/values)."""
+    block = model.aggregator.frame_blocks[0]
+    linear = sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, torch.nn.Linear))
+    dim = block.attn.qkv.in_features
+    return 2.0 * tokens * linear + 4.0 * tokens * tokens * dim
+
+
+def run(model_seed: int, config: QuantConfig, calib) -> dict:
+    torch.manual_seed(model_seed)
+    model = VGGT(VGGTConfig(**CONFIG)).eval()
+    start = time.perf_counter()
+    reports = []
+    quantize_model(model, calib, config, inplace=True, report_out=reports)
+    report = reports[0]
+    return {"seconds": time.perf_counter() - start, "block_forwards": report.block_forwards,
+            "stage_seconds": report.seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+CONFIG = {"carry_track_head": False}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scenes", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenes", type=int, default=1)
     parser.add_argument("--frames", type=int, default=2)
-    parser.add_argument("--size", type=int, default=56)
-    parser.add_argument("--full", action="store_true", help="also run sensitivity and the task-aware search")
-    parser.add_argument("--out", default=None, help="where to write the quantized checkpoint (default: temp dir)")
+    parser.add_argument("--size", default="28x42", help="HxW of the calibration views")
+    parser.add_argument("--depth", type=int, default=None, help="aggregator depth (default: VGGT-1B's 24)")
+    parser.add_argument("--paths", default="cached,full", help="cached, full, or both")
+    parser.add_argument("--fast", action="store_true", help="the --fast preset")
+    parser.add_argument("--gpu-tflops", type=float, default=250.0)
     args = parser.parse_args()
-    times = {}
-    t = time.perf_counter()
-    torch.manual_seed(0)
-    model = VGGT(VGGTConfig(carry_track_head=False)).eval()
+    if args.depth:
+        d = args.depth
+        CONFIG.update(depth=d, intermediate_layer_idx=(0, d // 3, 2 * d // 3, d - 1))
     torch.set_grad_enabled(False)
-    times["build model"] = time.perf_counter() - t
-    calib = load_calibration("synthetic", model, args.scenes, args.frames, (args.size, args.size))
-    t = time.perf_counter()
-    predict(model, calib)
-    forward = times["one forward of the calibration set"] = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out or Path(tmp) / "vggt1b_w4.safetensors")
-        t = time.perf_counter()
-        calibration = calibrate(model, calib, Path(tmp) / "calib", sensitivity=args.full)
-        times["calibrate"] = time.perf_counter() - t
-        config = QuantConfig(method="qvggt", plan="auto" if args.full else "paper", task_aware=args.full)
-        t = time.perf_counter()
-        qmodel = quantize_model(model, calib, config, calibration=calibration)
-        times["quantize"] = time.perf_counter() - t
-        t = time.perf_counter()
-        save_quantized(qmodel, out)
-        reloaded = load_model(out)
-        times["save + reload"] = time.perf_counter() - t
-        images = calib.scenes[0].images[None]
-        same = torch.equal(qmodel(images)["pose_enc"], reloaded(images)["pose_enc"])
-        size_mb = out.stat().st_size / 1e6
-    trials = len(arch.quant_blocks(model)) + len(arch.LINEAR_TYPES)
-    groups = len(arch.quant_blocks(model)) * len(arch.SCALE_GROUPS)
-    for k, v in times.items():
-        print(f"{k:40s} {v:8.1f} s")
-    print(f"{'quantized checkpoint':40s} {size_mb:8.1f} MB (reload identical: {same})")
-    print(f"{'quantizable linear weights':40s} {weight_bytes(qmodel) / 1e6:8.1f} MB (fp16: {weight_bytes(model) / 1e6:.1f} MB)")
-    if not args.full:
-        print(f"estimate: sensitivity = {trials} forwards = {trials * forward / 60:.0f} min; "
-              f"task-aware search (top-3) = {3 * groups} forwards = {3 * groups * forward / 60:.0f} min here")
+    h, w = (int(v) for v in args.size.split("x"))
+    model = VGGT(VGGTConfig(**CONFIG)).eval()
+    calib = load_calibration("synthetic", model, args.scenes, args.frames, (h, w))
+    results = {}
+    for path in args.paths.split(","):
+        config = QuantConfig(method="qvggt", plan="auto", block_cache=path == "cached", device="cpu", dtype="fp32",
+                             **(FAST_PRESET if args.fast else {}))
+        results[path] = run(0, config, calib)
+        print(path, json.dumps(results[path]))
+    for path, r in results.items():
+        total = sum(r["block_forwards"].values())
+        print(f"{path:7s} wall {r['seconds']:8.1f} s   block-forwards {total:7d} "
+              f"({', '.join(f'{k} {v}' for k, v in r['block_forwards'].items())})   peak RSS {r['peak_rss_gb']:.1f} GB")
+    if {"cached", "full"} <= results.keys():
+        c, f = results["cached"], results["full"]
+        print(f"cached / full: wall {c['seconds'] / f['seconds']:.2f}x, block-forwards "
+              f"{sum(c['block_forwards'].values()) / sum(f['block_forwards'].values()):.2f}x")
+    if "cached" in results:
+        per_scene = sum(results["cached"]["block_forwards"].values()) / args.scenes
+        tokens = 8 * (arch.tokens_per_frame(model, (518, 518)))
+        seconds = per_scene * 16 * block_flops(model, tokens) / (args.gpu_tflops * 1e12)
+        print(f"projection, 16 scenes x 8 views at 518, one GPU at {args.gpu_tflops:.0f} TFLOP/s sustained: "
+              f"{per_scene * 16:.0f} block-forwards, {seconds / 60:.1f} min of block compute "
+              "(heads, scale search and GPTQ/packing not included)")
 
 
 if __name__ == "__main__":
