@@ -5,7 +5,8 @@ Data: scenes from qvggt_export.data.synthetic, training seeds only (TRAIN_SEEDS[
 DEV_SEEDS of TRAIN_SEEDS are held out for the experiment read-outs, and the synthetic-val / synthetic-video /
 calibration seeds are never touched). Each scene is rendered once with 10 views and cached; each sample
 draws `views` of them in random order. `--trajectory` picks the cameras: "arc" (synthetic-val's wide arcs),
-"video" (synthetic-video's clips) or "mix" (even seeds video, odd seeds arc). `--stages` switches
+"video" (synthetic-video's clips), one kind of clip ("orbit", "forward", "pan") or "mix" (even seeds video,
+odd seeds arc). `--stages` switches
 trajectory / views / batch at given steps (a curriculum: narrow clips and pairs first).
 
 Ground truth is normalised as VGGT trains: the first camera is the world frame and the scene scale is
@@ -53,7 +54,7 @@ from qvggt_export.model.presets import TINY_CONFIG, tiny_config  # noqa: E402
 SCENE_VIEWS = 10  # views rendered per training scene (as synthetic-val)
 DEV_SEEDS = range(TRAIN_SEEDS.stop - 16, TRAIN_SEEDS.stop)  # held-out training-range seeds for read-outs
 DEV_SETS = {"video": 8, "arc": 10}  # dev read-outs: trajectory -> views (as synthetic-video / synthetic-val)
-TRAIN_TRAJECTORIES = ("arc", "video", "mix")
+TRAIN_TRAJECTORIES = (*TRAJECTORIES, "mix")  # any renderer trajectory, or "mix"
 
 
 def scene_trajectory(seed: int, trajectory: str) -> str:
@@ -417,11 +418,12 @@ def write_curves(log: dict, path: str) -> None:
     for traj, color in (("video", "C0"), ("arc", "C1")):
         ev = [e for e in evals if traj in e]
         x = [e["step"] for e in ev]
-        axes[1].plot(x, [e[traj]["rot_err"] for e in ev], color=color, marker=".", label=f"model, dev {traj}")
-        axes[1].plot(x, [e[traj]["id_rot_err"] for e in ev], color=color, ls="--", label=f"identity, dev {traj}")
+        axes[1].plot(x, [e[traj]["rot_err"] / e[traj]["id_rot_err"] for e in ev], color=color, marker=".",
+                     label=f"dev {traj} (identity: {ev[0][traj]['id_rot_err']:.1f} deg)" if ev else traj)
         axes[2].plot(x, [e[traj]["auc30"] for e in ev], color=color, marker=".", label=f"AUC@30, dev {traj}")
         axes[2].plot(x, [100 * e[traj]["absrel"] for e in ev], color=color, ls=":", label=f"100 x AbsRel, dev {traj}")
-    axes[1].set(title="mean relative rotation error (deg)", xlabel="step")
+    axes[1].axhline(1.0, color="k", ls="--", lw=0.8)
+    axes[1].set(title="rotation error / the identity predictor's", xlabel="step")
     axes[2].set(title="pose AUC@30 and depth AbsRel", xlabel="step")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -493,6 +495,8 @@ def parse_args(argv=None):
     p.add_argument("--dense-frames", type=int, default=0, help="views per sample that get the dense losses (0: all)")
     p.add_argument("--camera-loss", choices=("l1", "huber"), default="l1")
     p.add_argument("--config", type=str, default="{}", help="JSON overrides of the vggt-tiny config")
+    p.add_argument("--init", type=str, default="",
+                   help="start from this checkpoint's weights ('vggt-tiny': the embedded model) instead of random")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", type=str, default="", help="on-disk cache of rendered training scenes")
     p.add_argument("--report", type=str, default=None, nargs="?", const="",
@@ -550,6 +554,14 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     cfg = tiny_config(**json.loads(args.config))
     model = VGGT(cfg).train()
+    if args.init:  # warm start (same config), e.g. from the previous vggt-tiny
+        from qvggt_export.model import load_model
+
+        init = load_model(None if args.init == "vggt-tiny" else args.init)
+        if init.config != cfg:
+            raise SystemExit(f"error: --init {args.init} has another config than the run's")
+        model.load_state_dict(init.state_dict())
+        print(f"initialised from {args.init}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config {cfg.to_dict()}\nparameters {n_params / 1e6:.2f} M", flush=True)
     opt = make_optimizer(model, args)
@@ -582,7 +594,8 @@ def main(argv=None) -> dict:
         ev = {traj: quick_eval(model, dev_caches[traj], dev_seeds, views) for traj, views in DEV_SETS.items()}
         ev.update(step=step, wall_s=wall_before + time.time() - start)
         log["evals"].append(ev)
-        print("eval", json.dumps({t: {k: round(v, 2) for k, v in ev[t].items()} for t in DEV_SETS}), flush=True)
+        print(f"eval step {step}", json.dumps({t: {k: round(v, 2) for k, v in ev[t].items()} for t in DEV_SETS}),
+              flush=True)
         score = sum(ev[t]["rot_err"] / ev[t]["id_rot_err"] for t in DEV_SETS)
         if args.best_out and (log["best"] is None or score < log["best"]["score"]):
             log["best"] = {"step": step, "score": score}
