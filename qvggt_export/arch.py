@@ -29,14 +29,27 @@ PAPER_PROTECTED_FRACTION = 4 / 48
 
 HEADS = ("camera", "depth", "point")
 
+# Which blocks a plan may quantize. "aggregator": the frame/global blocks (what the paper quantizes) plus
+# the camera trunk; "aggregator+encoder" adds the DINOv2 patch embed's blocks; "all" adds every other
+# linear layer arch knows how to quantize. The DPT heads hold none (their 1x1 projections are Conv2d),
+# so today "all" selects the same blocks as "aggregator+encoder".
+SCOPES = ("aggregator", "aggregator+encoder", "all")
+DEFAULT_SCOPE = "aggregator"
+ENCODER_SCOPES = ("aggregator+encoder", "all")
+
+# Block kind -> the module list holding those blocks (the short name "frame.14" is kind.index).
+BLOCK_LISTS = {"encoder": "aggregator.patch_embed.blocks", "frame": "aggregator.frame_blocks",
+               "global": "aggregator.global_blocks", "camera": "camera_head.trunk"}
+
 
 @dataclass(frozen=True)
 class BlockSpec:
     name: str  # dotted module name, e.g. "aggregator.frame_blocks.3"
-    kind: str  # "frame", "global" or "camera"
+    kind: str  # "encoder", "frame", "global" or "camera"
     index: int
-    # Token filtering applies where the block sees a frame's camera/register tokens next to its
-    # patches; the camera trunk only ever sees camera tokens.
+    # Token filtering applies where the block sees a frame's special tokens (the aggregator's camera and
+    # register tokens, the encoder's class and register tokens) next to its patches; the camera trunk
+    # only ever sees camera tokens.
     has_patch_tokens: bool
 
 
@@ -71,20 +84,33 @@ SCALE_GROUPS = (
 )
 
 
-def quant_blocks(model: nn.Module) -> list[BlockSpec]:
-    """All blocks whose linears are quantized, in execution order (frame/global interleaved, then the
-    camera trunk)."""
+def check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
+
+
+def encoder_depth(model: nn.Module) -> int:
+    """Transformer blocks of the patch embed: DINOv2's, or 0 for the conv patchify."""
+    return len(getattr(model.aggregator.patch_embed, "blocks", ()))
+
+
+def quant_blocks(model: nn.Module, scope: str = DEFAULT_SCOPE) -> list[BlockSpec]:
+    """The blocks of `scope` whose linears a plan may quantize, in execution order (the encoder's blocks,
+    frame/global interleaved, then the camera trunk)."""
+    check_scope(scope)
     blocks = []
+    if scope in ENCODER_SCOPES:
+        blocks += [BlockSpec(f"{BLOCK_LISTS['encoder']}.{i}", "encoder", i, True) for i in range(encoder_depth(model))]
     for i in range(len(model.aggregator.frame_blocks)):
-        blocks.append(BlockSpec(f"aggregator.frame_blocks.{i}", "frame", i, True))
-        blocks.append(BlockSpec(f"aggregator.global_blocks.{i}", "global", i, True))
+        blocks.append(BlockSpec(f"{BLOCK_LISTS['frame']}.{i}", "frame", i, True))
+        blocks.append(BlockSpec(f"{BLOCK_LISTS['global']}.{i}", "global", i, True))
     for i in range(len(model.camera_head.trunk)):
-        blocks.append(BlockSpec(f"camera_head.trunk.{i}", "camera", i, False))
+        blocks.append(BlockSpec(f"{BLOCK_LISTS['camera']}.{i}", "camera", i, False))
     return blocks
 
 
 def aggregator_blocks(model: nn.Module) -> list[BlockSpec]:
-    return [b for b in quant_blocks(model) if b.kind != "camera"]
+    return [b for b in quant_blocks(model) if b.kind in ("frame", "global")]
 
 
 def block_of(linear_name: str) -> str:
@@ -99,21 +125,28 @@ def linear_type(linear_name: str) -> str:
     return linear_name[len(block_of(linear_name)) + 1:]
 
 
-def quantizable_linears(model: nn.Module) -> list[str]:
-    """Dotted names of the linears a plan may quantize, in execution order."""
-    return [f"{b.name}.{t}" for b in quant_blocks(model) for t in LINEAR_TYPES]
+def quantizable_linears(model: nn.Module, scope: str = DEFAULT_SCOPE) -> list[str]:
+    """Dotted names of the linears a plan of `scope` may quantize, in execution order."""
+    return [f"{b.name}.{t}" for b in quant_blocks(model, scope) for t in LINEAR_TYPES]
 
 
-def resolve_block_name(model: nn.Module, text: str) -> str | None:
-    """A user's block reference -> full block name, or None if the model has no such block.
+def resolve_block_name(model: nn.Module, text: str, scope: str = DEFAULT_SCOPE) -> str | None:
+    """A user's block reference -> full block name, or None if `scope` has no such block.
 
-    Accepts full names ("aggregator.frame_blocks.14") and short ones ("frame.14", "global.23",
-    "camera.0").
+    Accepts full names ("aggregator.frame_blocks.14") and short ones ("encoder.3", "frame.14",
+    "global.23", "camera.0").
     """
-    short = {"frame": "aggregator.frame_blocks", "global": "aggregator.global_blocks", "camera": "camera_head.trunk"}
     kind, _, index = text.rpartition(".")
-    name = f"{short[kind]}.{index}" if kind in short else text
-    return name if name in {b.name for b in quant_blocks(model)} else None
+    name = f"{BLOCK_LISTS[kind]}.{index}" if kind in BLOCK_LISTS else text
+    return name if name in {b.name for b in quant_blocks(model, scope)} else None
+
+
+def block_label(name: str) -> str:
+    """Compact label of a block for figures: E3 (encoder), F14, G23, C0."""
+    for kind, prefix in BLOCK_LISTS.items():
+        if name.startswith(prefix + "."):
+            return kind[0].upper() + name[len(prefix) + 1:]
+    return name
 
 
 def paper_protected_blocks(model: nn.Module) -> tuple[str, ...] | None:
@@ -135,6 +168,18 @@ def tokens_per_frame(model: nn.Module, image_hw: tuple[int, int]) -> int:
     return num_special_tokens(model) + (image_hw[0] // p) * (image_hw[1] // p)
 
 
+def token_layout(model: nn.Module, kind: str, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(tokens per frame, special tokens at the start of each frame) of the sequences a block of `kind`
+    sees: the encoder's class + register tokens before its patches, or the aggregator's camera +
+    register tokens."""
+    p = model.config.patch_size
+    patches = (image_hw[0] // p) * (image_hw[1] // p)
+    if kind == "encoder":
+        special = 1 + model.aggregator.patch_embed.num_register_tokens
+        return special + patches, special
+    return tokens_per_frame(model, image_hw), num_special_tokens(model)
+
+
 def patch_token_mask(x: Tensor, tokens_per_frame: int, num_special: int) -> Tensor:
     """Boolean mask over x's token axis (dim -2) selecting patch tokens.
 
@@ -154,7 +199,7 @@ def image_token_mask(model: nn.Module, block: BlockSpec, x: Tensor, image_hw: tu
 
     if not block.has_patch_tokens:
         return torch.zeros(x.shape[-2], dtype=torch.bool, device=x.device)
-    return patch_token_mask(x, tokens_per_frame(model, image_hw), num_special_tokens(model))
+    return patch_token_mask(x, *token_layout(model, block.kind, image_hw))
 
 
 def heads_reading(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -201,7 +246,7 @@ EXTRA_CAMERA_TOKENS_KEY = "camera_head.extra_tokens"
 # a trial there re-runs the camera head alone on the cached last layer; the dense heads' outputs do
 # not depend on it.
 
-PIPELINE_KINDS = ("frame", "global")
+PIPELINE_KINDS = ("encoder", "frame", "global")
 # The heads as the quantizer evaluates them: "camera" -> pose, "dense" -> depth and point maps.
 HEAD_GROUPS = ("camera", "dense")
 PREDICTION_KEYS = {"camera": ("pose_enc",), "dense": ("depth", "depth_conf", "world_points", "world_points_conf")}
@@ -213,16 +258,24 @@ def is_pipeline_block(block: BlockSpec) -> bool:
     return block.kind in PIPELINE_KINDS
 
 
-def block_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {b.name: model.get_submodule(b.name) for b in quant_blocks(model)}
+def block_modules(model: nn.Module, scope: str = DEFAULT_SCOPE) -> dict[str, nn.Module]:
+    return {b.name: model.get_submodule(b.name) for b in quant_blocks(model, scope)}
 
 
-def begin_forward(model: nn.Module, images: Tensor):
-    """images [B, S, 3, H, W] -> the state entering the first pipeline block."""
+def begin_forward(model: nn.Module, images: Tensor, first: BlockSpec | None = None):
+    """images [B, S, 3, H, W] -> the state entering pipeline block `first`: an encoder state when it is
+    an encoder block, else the aggregator state entering frame block 0 (the encoder run whole)."""
+    if first is not None and first.kind == "encoder":
+        return model.aggregator.begin_encoder(images)
     return model.aggregator.begin(images)
 
 
 def forward_block(model: nn.Module, block: BlockSpec, state):
+    """The state entering `block` -> the state entering the next pipeline block (the last encoder block
+    returns the aggregator state entering frame block 0)."""
+    if block.kind == "encoder":
+        state = model.aggregator.run_encoder_block(block.index, state)
+        return model.aggregator.end_encoder(state) if block.index == encoder_depth(model) - 1 else state
     if block.kind == "frame":
         return model.aggregator.run_frame_block(block.index, state)
     if block.kind == "global":
@@ -241,6 +294,23 @@ def run_head_group(model: nn.Module, group: str, layers: dict[int, Tensor], imag
     if group == "dense":
         return model.predict_dense(layers, *image_hw, frames_chunk_size=DENSE_FRAMES_CHUNK)
     raise ValueError(f"unknown head group {group!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deployable parts (what `info` and the build summary break the weight bytes down by)
+
+# Part -> state-dict prefixes, most specific first (the encoder lives inside the aggregator).
+DEPLOYED_PARTS = {"encoder": ("aggregator.patch_embed.",), "aggregator": ("aggregator.",),
+                  "camera_head": ("camera_head.",), "dpt": ("depth_head.", "point_head.")}
+# Carried by released checkpoints but never run or exported.
+NOT_DEPLOYED = ("track_head.",)
+
+
+def deployed_part(tensor_name: str) -> str | None:
+    """The part a state-dict tensor belongs to, or None when it is not deployed."""
+    if tensor_name.startswith(NOT_DEPLOYED):
+        return None
+    return next((part for part, prefixes in DEPLOYED_PARTS.items() if tensor_name.startswith(prefixes)), "other")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -42,10 +42,14 @@ class BuildConfig:
     device: str | None = None  # calibration and quantization: None = cuda when available, else cpu
     dtype: str | None = None  # their forward dtype: None = bf16 on CUDA, fp32 on the CPU
     fast: bool = False  # quantizer.FAST_PRESET
+    scope: str = "aggregator"  # the blocks the plan covers (arch.SCOPES)
 
     def check(self) -> None:
         if self.precision not in ("fp16", "w8a16", "w4a16"):
             raise InputError(f"--precision must be fp16, w8a16 or w4a16, got {self.precision!r}")
+        from .quant.plan import check_scope
+
+        check_scope(self.scope)
 
 
 def _versions() -> dict:
@@ -173,7 +177,8 @@ def build(config: BuildConfig) -> dict:
                lambda: _compare(candidate, deployed, image_size, config, compare_path))
     compare_report = json.loads(compare_path.read_text())
     engine = _engine_stage(stages, candidate, config)
-    summary = _summary(root, config, stages, [qpath] if quantized else [], onnx_path, lowered, compare_report, engine)
+    summary = _summary(root, config, stages, [qpath] if quantized else [], onnx_path, lowered, compare_report, engine,
+                       model_source)
     write_json(root / "summary.json", summary)
     return summary
 
@@ -182,7 +187,7 @@ def _quant_config(config: BuildConfig, device):
     from .quant.quantizer import FAST_PRESET, QuantConfig
 
     return QuantConfig(method=config.method, plan=config.plan, precision=config.precision, device=str(device),
-                       dtype=config.dtype, **(FAST_PRESET if config.fast else {}))
+                       dtype=config.dtype, scope=config.scope, **(FAST_PRESET if config.fast else {}))
 
 
 def _quantize(model_fp, calib, qconfig, calib_dir: Path, qpath: Path, writer: bool) -> None:
@@ -223,7 +228,9 @@ def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
     return {"built": True, "path": str(engine_path), "backend": backend, "bytes": engine_path.stat().st_size}
 
 
-def _summary(root, config, stages, quant_files, onnx_path, lowered, compare_report, engine) -> dict:
+def _summary(root, config, stages, quant_files, onnx_path, lowered, compare_report, engine, deployed_source) -> dict:
+    from .model.summary import checkpoint_summary, format_deployable_bytes
+
     def size(p: Path) -> int:
         data = p.with_name(p.name + ".data")
         return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -233,12 +240,15 @@ def _summary(root, config, stages, quant_files, onnx_path, lowered, compare_repo
                "compare": {"passed": compare_report["passed"], "candidate": compare_report["candidate"],
                            "worst_relative_error": max(max(s["relative_error"].values())
                                                       for s in compare_report["scenes"])},
-               "engine": engine}
+               "engine": engine, "deployable_bytes": checkpoint_summary(str(deployed_source))["deployable_bytes"]}
     logger.info("build summary (%s):", root)
     for stage, status in stages.ran.items():
         logger.info("  %-22s %s", stage, status)
     for fname, nbytes in files.items():
         logger.info("  %-22s %.2f MB", fname, nbytes / 1e6)
+    logger.info("  deployable weights (scope %s):", config.scope)
+    for line in format_deployable_bytes(summary["deployable_bytes"]):
+        logger.info("  %s", line)
     logger.info("  compare                %s (worst relative error %.2e)",
                 "PASSED" if compare_report["passed"] else "FAILED", summary["compare"]["worst_relative_error"])
     logger.info("  engine                 %s", engine.get("path") or f"not built: {engine['reason']}")

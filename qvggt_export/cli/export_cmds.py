@@ -9,7 +9,7 @@ import click
 
 from . import check_device, main
 from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES
-from .quant_cmds import FAST_HELP, device_options
+from .quant_cmds import FAST_HELP, device_options, scope_option
 
 
 # Counts and tolerances: click checks them, and the CLI group turns a bad value into one `error:` line.
@@ -181,9 +181,10 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx", "none"]), default=None,
               help="Engine backend (default: whichever TensorRT imports; none: skip the engine).")
 @click.option("--fast", is_flag=True, help=f"Quantizer preset for large models: {FAST_HELP}.")
+@scope_option
 @device_options
 def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, plan, out, image_size, min_frames,
-              opt_frames, max_frames, backend, fast, device, dtype):
+              opt_frames, max_frames, backend, fast, scope, device, dtype):
     """calibrate -> quantize -> export -> lower -> compare -> engine, skipping up-to-date stages.
 
     With no arguments: the embedded vggt-tiny model, synthetic calibration, W4A16. Exit code 1 when the
@@ -195,7 +196,7 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, 
                                 calib=calib, calib_scenes=calib_scenes, calib_frames=calib_frames,
                                 image_size=parse_image_size(image_size) if image_size else None,
                                 min_frames=min_frames, opt_frames=opt_frames, max_frames=max_frames,
-                                backend=backend, device=device, dtype=dtype, fast=fast))
+                                backend=backend, device=device, dtype=dtype, fast=fast, scope=scope))
     if not summary:
         return  # a non-main torchrun rank: rank 0 reports
     click.echo(f"build {'done' if summary['compare']['passed'] else 'done, but compare FAILED'}: {summary['out']}")

@@ -18,7 +18,7 @@ def info(checkpoint: str, as_json: bool) -> None:
     """Parameters, config, dtypes and size of CHECKPOINT."""
     import json
 
-    from ..model.summary import checkpoint_summary
+    from ..model.summary import checkpoint_summary, format_deployable_bytes
 
     summary = checkpoint_summary(checkpoint)
     if as_json:
@@ -30,6 +30,9 @@ def info(checkpoint: str, as_json: bool) -> None:
     click.echo(f"parameters  {summary['parameters']:,}")
     for part, count in summary["parameters_by_part"].items():
         click.echo(f"  {part:<12}{count:>15,}")
+    click.echo("deployable weights (track head not deployed)")
+    for line in format_deployable_bytes(summary["deployable_bytes"]):
+        click.echo(line)
     click.echo("config      " + json.dumps(summary["config"]))
     for key, value in summary.get("quantization", {}).items():
         click.echo(f"{key:<12}{value}")

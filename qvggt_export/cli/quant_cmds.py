@@ -22,6 +22,13 @@ def calibration_options(fn):
     return fn
 
 
+def scope_option(fn):
+    return click.option("--scope", default="aggregator", show_default=True,
+                        help="Blocks the plan covers: aggregator (frame/global blocks and the camera trunk, as the "
+                             "paper) | aggregator+encoder (also the DINOv2 encoder's blocks) | all (every "
+                             "quantizable linear; today the same blocks: the DPT heads hold no linear layers).")(fn)
+
+
 def device_options(fn):
     fn = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
                       help="Forward dtype of calibration and trials (weights stay fp32 masters). "
@@ -65,17 +72,20 @@ def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
 @calibration_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Calibration directory.")
 @click.option("--no-sensitivity", is_flag=True, help="Skip the per-block sensitivity analysis.")
+@scope_option
 @device_options
 def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_dir, no_sensitivity,
-              device, dtype):
+              scope, device, dtype):
     """Activation statistics, camera tokens and the per-block sensitivity report (cached, resumable;
     data-parallel under torchrun)."""
     from ..quant.calibration_run import calibrate as run_calibrate
+    from ..quant.plan import check_scope
 
+    check_scope(scope)
     device, dtype, shard = resolve_run(device, dtype)
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
     result = run_calibrate(model.to(device), calib, out_dir, sensitivity=not no_sensitivity, dtype=dtype,
-                           shard=shard)
+                           shard=shard, scope=scope)
     if result.sensitivity and shard.is_main:
         worst = sorted(result.sensitivity["blocks"].items(), key=lambda kv: kv[1]["score"], reverse=True)[:5]
         click.echo("most sensitive blocks: " + ", ".join(f"{name} ({e['score']:.3g})" for name, e in worst))
@@ -107,10 +117,11 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
 @click.option("--loss-weights", default=None, metavar="cam=W,depth=W,point=W,geo=W",
               help="Task-loss weights of the task-aware search (default: all 1, as the paper).")
 @click.option("--fast", is_flag=True, help=f"Preset for large models: {FAST_HELP}.")
+@scope_option
 @device_options
 def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_path, method, plan, protect,
              threshold, precision, calib_dir, no_mixed, no_token_filter, no_cic, no_task_aware, grid, task_topk,
-             targets, rounding, act_order, loss_weights, fast, device, dtype):
+             targets, rounding, act_order, loss_weights, fast, scope, device, dtype):
     """Quantize a VGGT checkpoint to W4A16 (QVGGT or a baseline) and write a quantized checkpoint.
 
     Resumable: a killed run continues at the next unfinished block (state in the calibration directory).
@@ -126,12 +137,13 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     config = QuantConfig(method=method, mixed=not no_mixed, token_filter=not no_token_filter, cic=not no_cic,
                          task_aware=not no_task_aware, plan=plan, protect=protect, threshold=threshold,
                          precision=precision, targets=targets, rounding=rounding, act_order=act_order, dtype=dtype,
+                         scope=scope,
                          **settings, **({"loss_weights": parse_loss_weights(loss_weights)} if loss_weights else {}))
     config.validate()  # before the (slow) model and data loading
     resolved, _, shard = resolve_run(device, dtype)
     config.device = str(resolved)
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
-    fp16_bytes = weight_bytes(model)
+    fp16_bytes = weight_bytes(model, scope=scope)
     out_path = Path(out_path)
     calib_dir = Path(calib_dir) if calib_dir else out_path.with_name(out_path.stem + "_calib")
     reports = []
@@ -142,7 +154,7 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     report = reports[0]
     sidecar = out_path.with_suffix(".json")
     write_json(sidecar, {"plan": qmodel.quant_plan, "quant_info": qmodel.quant_info,
-                         "weight_bytes": {"quantized": weight_bytes(qmodel), "fp16": fp16_bytes},
+                         "weight_bytes": {"quantized": weight_bytes(qmodel, scope=scope), "fp16": fp16_bytes},
                          "run": run_summary(report, shard)})
     report.progress.clear()
     click.echo(f"wrote {out_path} and {sidecar}")

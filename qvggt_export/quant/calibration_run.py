@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, arch
 from ..io import atomic_output, sha256_json, sha256_tensors, write_json
 from ..log import logger
 from .calibration_set import CalibrationSet
@@ -56,13 +56,15 @@ def local_scenes(calib: CalibrationSet, shard: Shard) -> list[LocalScene]:
 @torch.no_grad()  # PTQ never needs gradients; keeps callers' grad mode untouched
 def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | None = None,
               sensitivity: bool = True, bits: int = 4,
-              dtype: torch.dtype = torch.float32, cached: bool = True, shard: Shard | None = None) -> Calibration:
+              dtype: torch.dtype = torch.float32, cached: bool = True, shard: Shard | None = None,
+              scope: str = arch.DEFAULT_SCOPE) -> Calibration:
     """Runs (or reuses from `out_dir`) the statistics and sensitivity analysis of `model` (on its device,
-    forward in `dtype`) on `calib`; `cached` selects the block cache for the sensitivity trials."""
+    forward in `dtype`) on `calib` for the blocks of `scope` (arch.SCOPES); `cached` selects the block
+    cache for the sensitivity trials."""
     model = model.eval()
     shard = shard or current_shard()
     identity = {"model": model_fingerprint(model), "calibration": calib.fingerprint(),
-                "bits": bits, "dtype": str(dtype),
+                "bits": bits, "dtype": str(dtype), "scope": scope,
                 "qvggt_export": __version__}
     directory = Path(out_dir) if out_dir is not None else None
     scenes = local_scenes(calib, shard)
@@ -70,7 +72,7 @@ def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | Non
     stats = _cached_stats(directory, identity)
     spent = 0
     if stats is None:
-        forward = make_forward(model, scenes, dtype, cached=False)
+        forward = make_forward(model, scenes, dtype, cached=False, scope=scope)
         try:
             stats = collect_stats(model, forward, total, shard)
             spent += forward.block_forwards
@@ -83,7 +85,7 @@ def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | Non
                 save_file(stats.to_tensors(), str(tmp), metadata={"identity": json.dumps(identity, sort_keys=True)})
     report = None
     if sensitivity:
-        forward = make_forward(model, scenes, dtype, cached)
+        forward = make_forward(model, scenes, dtype, cached, scope)
         try:
             fp_preds = forward.predict()
             check_finite(fp_preds, "the full-precision model")

@@ -74,8 +74,9 @@ class LocalScene:
 class FullModelForward:
     """Plain path: the whole model on every scene for every call."""
 
-    def __init__(self, model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype) -> None:
-        self.model, self.scenes, self.dtype = model, scenes, dtype
+    def __init__(self, model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype,
+                 scope: str = arch.DEFAULT_SCOPE) -> None:
+        self.model, self.scenes, self.dtype, self.scope = model, scenes, dtype, scope  # scope: arch.SCOPES
         self.device = next(model.parameters()).device
         self.current_scene: int | None = None  # global index of the scene being run (for hooks)
         # Block calls on one scene: pipeline blocks (all tokens of all views: the cost that matters) and
@@ -83,7 +84,7 @@ class FullModelForward:
         self.block_forwards = 0
         self.head_block_forwards = 0
         self._counters = [model.get_submodule(b.name).register_forward_hook(self._counter(arch.is_pipeline_block(b)))
-                          for b in arch.quant_blocks(model)]
+                          for b in arch.quant_blocks(model, scope)]
 
     def _counter(self, pipeline: bool):
         def count(*_) -> None:
@@ -132,12 +133,13 @@ class FullModelForward:
 class BlockCache(FullModelForward):
     """Fast path: per-scene states at the first block that may still change (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype) -> None:
-        super().__init__(model, scenes, dtype)
-        self.pipeline = [b for b in arch.quant_blocks(model) if arch.is_pipeline_block(b)]
+    def __init__(self, model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype,
+                 scope: str = arch.DEFAULT_SCOPE) -> None:
+        super().__init__(model, scenes, dtype, scope)
+        self.pipeline = [b for b in arch.quant_blocks(model, scope) if arch.is_pipeline_block(b)]
         self.position = 0  # index in self.pipeline of the next block the states enter
         with torch.no_grad(), autocast(self.device, dtype):
-            self.states = [arch.begin_forward(model, self._images(s)) for s in scenes]
+            self.states = [arch.begin_forward(model, self._images(s), self.pipeline[0]) for s in scenes]
         self.dense: list[dict] | None = None  # dense-head outputs once every pipeline block is final
         self.pending = 0  # blocks advanced through but not yet run (run lazily: a method with no trials pays nothing)
 
@@ -213,5 +215,6 @@ class BlockCache(FullModelForward):
                               for state, local in zip(self.states, self.scenes)]
 
 
-def make_forward(model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype, cached: bool = True) -> FullModelForward:
-    return (BlockCache if cached else FullModelForward)(model, scenes, dtype)
+def make_forward(model: nn.Module, scenes: list[LocalScene], dtype: torch.dtype, cached: bool = True,
+                 scope: str = arch.DEFAULT_SCOPE) -> FullModelForward:
+    return (BlockCache if cached else FullModelForward)(model, scenes, dtype, scope)

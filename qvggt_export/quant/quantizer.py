@@ -38,7 +38,7 @@ from .gptq import gptq_quantize
 from .linear import QuantLinear
 from .modules import replace_module, restore, snapshot
 from .objective import LOSS_WEIGHTS, Targets, check_finite, gathered_task_loss, make_targets
-from .plan import auto_plan, paper_plan, quantized_layers, read_plan_file, summarize, uniform_plan
+from .plan import auto_plan, check_scope, paper_plan, quantized_layers, read_plan_file, summarize, uniform_plan
 from .progress import QuantizeProgress
 from .pack import group_scales
 from .scale import (apply_scale, candidate_scales, clip_search, fake_quantize_with_scales, scaled_round_trip,
@@ -92,6 +92,7 @@ class QuantConfig:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # forward dtype; None: bf16 on CUDA, fp32 on the CPU
     block_cache: bool = True  # False: every trial runs the whole model (the reference path)
+    scope: str = arch.DEFAULT_SCOPE  # which blocks the plan covers: arch.SCOPES
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -108,6 +109,7 @@ class QuantConfig:
             raise InputError(f"loss weights must give each of {', '.join(LOSS_WEIGHTS)} a weight >= 0")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_scope(self.scope)
 
     @property
     def parts(self) -> dict:
@@ -142,14 +144,15 @@ def plan_choice(config: QuantConfig) -> str:
 def resolve_plan(model: nn.Module, config: QuantConfig, calibration: Calibration | None) -> dict:
     choice = plan_choice(config)
     if choice == "uniform":
-        return uniform_plan(model, config.precision)
+        return uniform_plan(model, config.precision, config.scope)
     if choice == "paper":
-        return paper_plan(model, config.precision)
+        return paper_plan(model, config.precision, config.scope)
     if choice == "auto":
         if calibration is None or calibration.sensitivity is None:
             raise InputError("--plan auto needs the sensitivity analysis (calibrate without --no-sensitivity)")
-        return auto_plan(model, calibration.sensitivity, config.protect, config.threshold, config.precision)
-    return read_plan_file(model, Path(choice))
+        return auto_plan(model, calibration.sensitivity, config.protect, config.threshold, config.precision,
+                         config.scope)
+    return read_plan_file(model, Path(choice), config.scope)
 
 
 class BlockQuantizer:
@@ -232,7 +235,7 @@ class BlockQuantizer:
         return mask if mask.any() else torch.ones_like(mask)
 
     def block_index(self, block: arch.BlockSpec) -> int:
-        return [b.name for b in arch.quant_blocks(self.model)].index(block.name)
+        return [b.name for b in arch.quant_blocks(self.model, self.config.scope)].index(block.name)
 
     def sample_rows(self, name: str) -> Tensor:
         """The linear's sampled input rows over every scene (scene order)."""
@@ -390,7 +393,7 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
     report = QuantReport("")
     if calibration is None:
         calibration = calibrate(model, calib, calib_dir, sensitivity=needs_sensitivity, dtype=dtype,
-                                cached=config.block_cache, shard=shard)
+                                cached=config.block_cache, shard=shard, scope=config.scope)
         report.block_forwards["calibrate"] = calibration.block_forwards
         report.seconds["calibrate"] = time.perf_counter() - clock
     plan = plan or resolve_plan(model, config, calibration)
@@ -398,7 +401,7 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
     logger.info(report.plan_summary)
     scenes = local_scenes(calib, shard)
     total = len(calib.scenes)
-    forward = make_forward(model, scenes, dtype, config.block_cache)
+    forward = make_forward(model, scenes, dtype, config.block_cache, config.scope)
     try:
         stage = time.perf_counter()
         fp_preds = forward.predict()
@@ -416,7 +419,7 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
                                                 "config": asdict(config), "qvggt_export": __version__},
                                     writer=shard.is_main)
         quantizer = BlockQuantizer(model, forward, calibration, plan, config, targets, shard, total)
-        blocks = arch.quant_blocks(model)
+        blocks = arch.quant_blocks(model, config.scope)
         for block in tqdm(blocks, desc=f"quantize ({config.method})", unit="block", disable=not shard.is_main):
             if progress.is_done(block.name):
                 quantizer.qscales.update(progress.load_block(model, block.name))
@@ -466,11 +469,11 @@ def _log_report(report: QuantReport, config: QuantConfig, shard: Shard) -> None:
                 f"; resumed {report.resumed_blocks} block(s)" if report.resumed_blocks else "")
 
 
-def weight_bytes(model: nn.Module, quantizable_only: bool = True) -> int:
-    """Bytes of the quantizable linears' weights as deployed: packed codes + fp16 scales for QuantLinear,
-    fp16 for linears left in full precision."""
+def weight_bytes(model: nn.Module, quantizable_only: bool = True, scope: str = arch.DEFAULT_SCOPE) -> int:
+    """Bytes of the quantizable linears' (of `scope`) weights as deployed: packed codes + fp16 scales for
+    QuantLinear, fp16 for linears left in full precision."""
     total = 0
-    names = set(arch.quantizable_linears(model))
+    names = set(arch.quantizable_linears(model, scope))
     for name, module in model.named_modules():
         if quantizable_only and name not in names:
             continue

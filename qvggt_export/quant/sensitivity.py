@@ -54,14 +54,15 @@ def sensitivity_analysis(model: nn.Module, forward: FullModelForward, fp_preds: 
                         len(cached["linear_types"]))
     if report is None:
         base, parts = gathered_task_loss(fp_preds, fp_targets, shard, total_scenes)
-        report = {"identity": identity, "score": SCORE, "complete": False, "fp": {"task_loss": base, "parts": parts},
+        report = {"identity": identity, "score": SCORE, "scope": forward.scope, "complete": False,
+                  "fp": {"task_loss": base, "parts": parts},
                   "heads": {h: list(v) for h, v in arch.heads_reading(model).items()},
                   "blocks": {}, "linear_types": {}}
     base = report["fp"]["task_loss"]
-    all_linears = arch.quantizable_linears(model)
+    all_linears = arch.quantizable_linears(model, forward.scope)
     # Linear types first: their trials touch every block, so they run while the cache is at the start.
     jobs = [("linear_types", t, [n for n in all_linears if arch.linear_type(n) == t], None) for t in arch.LINEAR_TYPES]
-    jobs += [("blocks", b.name, [f"{b.name}.{t}" for t in arch.LINEAR_TYPES], b) for b in arch.quant_blocks(model)]
+    jobs += [("blocks", b.name, [f"{b.name}.{t}" for t in arch.LINEAR_TYPES], b) for b in arch.quant_blocks(model, forward.scope)]
     todo = sum(job[1] not in report[job[0]] for job in jobs)
     with tqdm(total=todo, desc="sensitivity", unit="trial", disable=not shard.is_main) as bar:
         for section, key, linears, block in jobs:
@@ -97,8 +98,7 @@ def save_figure(report: dict, path: Path) -> Path:
                         for b in blocks] for m in metrics])
     # Each row scaled to its own maximum: the metrics have different units.
     shown = values / np.maximum(np.abs(values).max(axis=1, keepdims=True), 1e-12)
-    short = [b.replace("aggregator.frame_blocks.", "F").replace("aggregator.global_blocks.", "G")
-             .replace("camera_head.trunk.", "C") for b in blocks]
+    short = [arch.block_label(b) for b in blocks]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.32 * len(blocks)), 6.5),
                              gridspec_kw={"height_ratios": [1.3, 1]})
     im = axes[0].imshow(shown, aspect="auto", cmap="magma")

@@ -78,8 +78,8 @@ def _combine(sums_image: Tensor, sums_all: Tensor, n_image: int, n_all: int) -> 
 @torch.no_grad()
 def collect_stats(model: nn.Module, forward: FullModelForward, total_scenes: int, shard: Shard) -> ActivationStats:
     """Statistics over every calibration scene from one pass of `forward` over this rank's scenes."""
-    names = arch.quantizable_linears(model)
-    blocks = {b.name: b for b in arch.quant_blocks(model)}
+    names = arch.quantizable_linears(model, forward.scope)
+    blocks = {b.name: b for b in arch.quant_blocks(model, forward.scope)}
     device = next(model.parameters()).device
     scenes = {local.index: local.scene for local in forward.scenes}
     per_scene: dict[int, dict[str, _SceneAccumulator]] = {i: {} for i in scenes}
