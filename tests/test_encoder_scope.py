@@ -246,6 +246,24 @@ def test_scope_all_checkpoint_loads_and_weighs_what_its_plan_predicts(scope_all_
     assert f"{deployed['encoder']['deployed'] / 1e6:.2f}" in result.output
 
 
+def test_vggt1b_deployable_bytes_per_scope():
+    """VGGT-1B's released shapes under the paper plan: the encoder scope takes the deployed weights from
+    0.53x to 0.34x of fp16 (issue 16's goal: <= 0.35x). Plans need only module names: a meta-device model."""
+    from qvggt_export.quant.plan import paper_plan
+
+    with torch.device("meta"):
+        model = VGGT(VGGTConfig(carry_track_head=False))
+    shapes = json.loads((FIXTURES / "vggt1b_manifest.json").read_text())["params"]
+    tables = {scope: planned_deployable_bytes(shapes, paper_plan(model, "w4a16", scope)) for scope in arch.SCOPES}
+    ratio = {scope: t["total"]["deployed"] / t["total"]["fp16"] for scope, t in tables.items()}
+    assert tables["all"]["total"]["fp16"] == pytest.approx(2381.2e6, rel=1e-4)  # track head not deployed
+    assert ratio["aggregator"] == pytest.approx(0.5268, abs=1e-3)
+    assert ratio["all"] == ratio["aggregator+encoder"] == pytest.approx(0.3385, abs=1e-3)
+    assert tables["aggregator"]["encoder"]["deployed"] == tables["aggregator"]["encoder"]["fp16"]
+    assert tables["all"]["encoder"]["deployed"] == pytest.approx(160.5e6, rel=1e-3)
+    assert tables["all"]["dpt"]["deployed"] == tables["all"]["dpt"]["fp16"]  # Conv2d only: not quantized
+
+
 @pytest.mark.slow
 def test_scope_all_exports_and_lowers(scope_all_checkpoint, tmp_path):
     """The encoder's quantized linears become custom nodes, and the ort / qdq lowerings compute what the
