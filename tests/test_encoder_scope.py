@@ -296,8 +296,32 @@ def test_scope_all_exports_and_lowers(scope_all_checkpoint, tmp_path):
             assert np.abs(got[key][0] - ref[0]).max() <= 1e-3 * (ref.max() - ref.min()), (target, key)
 
 
+def test_quantize_cli_scope_all(tmp_path):
+    checkpoint = save_vggt(encoder_model(), tmp_path / "fp.safetensors")
+    out = tmp_path / "q.safetensors"
+    result = CliRunner().invoke(cli, ["quantize", "--checkpoint", str(checkpoint), "--method", "rtn", "--scope", "all",
+                                      "--out", str(out), "--calib-scenes", "1", "--calib-frames", "2",
+                                      "--calib-size", "28x42"])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["plan"]["scope"] == "all"
+    assert "aggregator.patch_embed.blocks.0.attn.qkv" in sidecar["plan"]["layers"]
+    assert sidecar["weight_bytes"]["quantized"] < sidecar["weight_bytes"]["fp16"] / 3
+    assert load_model(out).quant_plan["scope"] == "all"
+
+
+def test_build_passes_its_scope_to_the_quantizer():
+    from qvggt_export.build import BuildConfig, _quant_config
+
+    assert _quant_config(BuildConfig(scope="aggregator+encoder"), "cpu").scope == "aggregator+encoder"
+    with pytest.raises(InputError, match="--scope must be one of"):
+        BuildConfig(scope="encoder").check()
+
+
 def test_scope_option_errors_are_one_line(tmp_path):
-    result = CliRunner().invoke(cli, ["calibrate", "--out", str(tmp_path / "c"), "--scope", "encoder"])
-    assert result.exit_code != 0
-    assert "--scope must be one of aggregator, aggregator+encoder, all" in result.output
-    assert "Traceback" not in result.output
+    for command in (["calibrate", "--out", str(tmp_path / "c")], ["quantize", "--out", str(tmp_path / "q.safetensors")]):
+        result = CliRunner().invoke(cli, [*command, "--scope", "encoder"])
+        assert result.exit_code != 0
+        assert "--scope must be one of aggregator, aggregator+encoder, all" in result.output
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "c").exists() and not (tmp_path / "q.safetensors").exists()
