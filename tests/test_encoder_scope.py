@@ -332,7 +332,8 @@ def test_build_passes_its_scope_to_the_quantizer():
 
 
 def test_scope_option_errors_are_one_line(tmp_path):
-    for command in (["calibrate", "--out", str(tmp_path / "c")], ["quantize", "--out", str(tmp_path / "q.safetensors")]):
+    commands = (["calibrate", "--out", str(tmp_path / "c")], ["quantize", "--out", str(tmp_path / "q.safetensors")])
+    for command in commands:
         result = CliRunner().invoke(cli, [*command, "--scope", "encoder"])
         assert result.exit_code != 0
         assert "--scope must be one of aggregator, aggregator+encoder, all" in result.output

@@ -83,7 +83,8 @@ class Aggregator(nn.Module):
         B, S, _, H, W = images.shape
         return self._aggregator_state(self.embed(images), B, S, (H, W))
 
-    def _aggregator_state(self, tokens: Tensor, batch: int, frames: int, image_hw: tuple[int, int]) -> "AggregatorState":
+    def _aggregator_state(self, tokens: Tensor, batch: int, frames: int,
+                          image_hw: tuple[int, int]) -> "AggregatorState":
         frame_rope = self.rope_tables(*image_hw, tokens.device, tokens.dtype)
         global_rope = frame_rope.repeat(frames) if frame_rope is not None else None
         return AggregatorState(tokens, None, {}, batch, frames, frame_rope, global_rope)
