@@ -104,7 +104,8 @@ def save_figure(report: dict, path: Path) -> Path:
     im = axes[0].imshow(shown, aspect="auto", cmap="magma")
     axes[0].set_yticks(range(len(metrics)), metrics)
     axes[0].set_xticks(range(len(blocks)), short, rotation=90, fontsize=7)
-    axes[0].set_title("RTN one block at a time: error vs FP (each row / its max)")
+    axes[0].set_title(f"RTN one block at a time: error vs FP (each row / its max); scope "
+                      f"{report.get('scope', arch.DEFAULT_SCOPE)}")
     fig.colorbar(im, ax=axes[0], fraction=0.02)
     types = list(report["linear_types"])
     axes[1].bar(types, [report["linear_types"][t]["score"] for t in types], color="tab:blue")
