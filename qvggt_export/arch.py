@@ -240,9 +240,10 @@ EXTRA_CAMERA_TOKENS_KEY = "camera_head.extra_tokens"
 # ---------------------------------------------------------------------------------------------------
 # Block-wise execution (the quantizer's block cache, quant/forward.py)
 #
-# The frame and global blocks form a pipeline: each maps the AggregatorState entering it to the state
-# entering the next, so a cache of one state per scene lets a trial re-run only the blocks from the one
-# it changed. The camera trunk blocks live inside the camera head (run once per refinement iteration):
+# The encoder (DINOv2 patch embed), frame and global blocks form a pipeline: each maps the state entering
+# it to the state entering the next (an EncoderState through the encoder, then an AggregatorState), so a
+# cache of one state per scene lets a trial re-run only the blocks from the one it changed; the cache
+# starts at the first pipeline block of the scope. The camera trunk blocks live inside the camera head (run once per refinement iteration):
 # a trial there re-runs the camera head alone on the cached last layer; the dense heads' outputs do
 # not depend on it.
 
