@@ -154,10 +154,10 @@ def unproject_depth_map_to_point_map(depth_map, extrinsics_cam, intrinsics_cam) 
     cx, cy = intrinsics[:, 0, 2, None, None], intrinsics[:, 1, 2, None, None]
     cam_points = np.stack([(u - cx) * depth / fx, (v - cy) * depth / fy, depth], -1)
     cam_to_world = closed_form_inverse_se3(extrinsics)
-    return (
-        np.einsum("sij,shwj->shwi", cam_to_world[:, :3, :3], cam_points)
-        + cam_to_world[:, None, None, :3, 3]
-    )
+    # A batched matmul rather than einsum: the same sums, ~10x faster (the quantizer's task loss runs this
+    # once per trial).
+    rotated = np.matmul(cam_points.reshape(len(depth), -1, 3), np.swapaxes(cam_to_world[:, :3, :3], -1, -2))
+    return rotated.reshape(cam_points.shape) + cam_to_world[:, None, None, :3, 3]
 
 
 def to_first_camera_frame(extrinsics: np.ndarray, world_points: np.ndarray | None = None):

@@ -8,6 +8,7 @@ the image size) by each block-forward's FLOPs at 518 and divides by an assumed s
 
     python scripts/scale_1b.py                       # VGGT-1B, 1 scene x 2 views at 28x42, both paths
     python scripts/scale_1b.py --depth 6 --paths cached   # quicker look at a shallower model
+    python scripts/scale_1b.py --checkpoint vggt-tiny      # the default model at its default calibration
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import torch
 
 from qvggt_export import arch
-from qvggt_export.model import VGGT, VGGTConfig
+from qvggt_export.model import VGGT, VGGTConfig, load_model
 from qvggt_export.quant.calibration_set import load_calibration
 from qvggt_export.quant.quantizer import FAST_PRESET, QuantConfig, quantize_model
 
@@ -33,9 +34,8 @@ def block_flops(model: VGGT, tokens: int) -> float:
     return 2.0 * tokens * linear + 4.0 * tokens * tokens * dim
 
 
-def run(model_seed: int, config: QuantConfig, calib) -> dict:
-    torch.manual_seed(model_seed)
-    model = VGGT(VGGTConfig(**CONFIG)).eval()
+def run(make_model, config: QuantConfig, calib) -> dict:
+    model = make_model()
     start = time.perf_counter()
     reports = []
     quantize_model(model, calib, config, inplace=True, report_out=reports)
@@ -49,26 +49,40 @@ CONFIG = {"carry_track_head": False}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenes", type=int, default=1)
-    parser.add_argument("--frames", type=int, default=2)
-    parser.add_argument("--size", default="28x42", help="HxW of the calibration views")
+    parser.add_argument("--scenes", type=int, default=None, help="default 1 (VGGT-1B) / 8 (checkpoint)")
+    parser.add_argument("--frames", type=int, default=None, help="default 2 (VGGT-1B) / 4 (checkpoint)")
+    parser.add_argument("--size", default=None, help="HxW of the calibration views (default: 28x42 for VGGT-1B, "
+                                                     "the model's native size for a checkpoint)")
     parser.add_argument("--depth", type=int, default=None, help="aggregator depth (default: VGGT-1B's 24)")
     parser.add_argument("--paths", default="cached,full", help="cached, full, or both")
     parser.add_argument("--fast", action="store_true", help="the --fast preset")
     parser.add_argument("--gpu-tflops", type=float, default=250.0)
+    parser.add_argument("--checkpoint", default=None,
+                        help="a real checkpoint instead of random VGGT-1B weights ('vggt-tiny': the default model, "
+                             "at its default calibration of 8 scenes x 4 views unless --scenes/--frames say otherwise)")
     args = parser.parse_args()
     if args.depth:
         d = args.depth
         CONFIG.update(depth=d, intermediate_layer_idx=(0, d // 3, 2 * d // 3, d - 1))
     torch.set_grad_enabled(False)
-    h, w = (int(v) for v in args.size.split("x"))
-    model = VGGT(VGGTConfig(**CONFIG)).eval()
-    calib = load_calibration("synthetic", model, args.scenes, args.frames, (h, w))
+    args.scenes = args.scenes or (8 if args.checkpoint else 1)
+    args.frames = args.frames or (4 if args.checkpoint else 2)
+    if not args.checkpoint and not args.size:
+        args.size = "28x42"
+    def make_model():
+        if args.checkpoint:
+            return load_model(args.checkpoint)
+        torch.manual_seed(0)
+        return VGGT(VGGTConfig(**CONFIG)).eval()
+
+    model = make_model()
+    size = tuple(int(v) for v in args.size.split("x")) if args.size else model.config.default_image_size
+    calib = load_calibration("synthetic", model, args.scenes, args.frames, size)
     results = {}
     for path in args.paths.split(","):
         config = QuantConfig(method="qvggt", plan="auto", block_cache=path == "cached", device="cpu", dtype="fp32",
                              **(FAST_PRESET if args.fast else {}))
-        results[path] = run(0, config, calib)
+        results[path] = run(make_model, config, calib)
         print(path, json.dumps(results[path]))
     for path, r in results.items():
         total = sum(r["block_forwards"].values())
