@@ -397,6 +397,10 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
         report.block_forwards["calibrate"] = calibration.block_forwards
         report.seconds["calibrate"] = time.perf_counter() - clock
     plan = plan or resolve_plan(model, config, calibration)
+    missing = [n for n in quantized_layers(plan) if n not in calibration.stats.linears]
+    if missing:
+        raise InputError(f"the calibration has no statistics for {len(missing)} planned layer(s) (e.g. {missing[0]}): "
+                         f"it was made for another scope or model; recalibrate with --scope {config.scope}")
     report.plan_summary = summarize(plan)
     logger.info(report.plan_summary)
     scenes = local_scenes(calib, shard)
