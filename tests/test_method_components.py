@@ -151,3 +151,20 @@ def test_exported_graph_holds_the_cic_token_as_a_constant(tmp_path):
     # The exporter may fold the token into a [1, 1, D] constant in the graph's activation dtype (fp16 here).
     assert any(c.size == token.size and np.array_equal(c.reshape(-1), token.reshape(-1).astype(c.dtype))
                for c in constants)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rounding_beats_rtn_and_lies_on_its_packed_grid(act_order):
+    from qvggt_export.quant.gptq import gptq_quantize
+    from qvggt_export.quant.pack import dequantize, quantize
+    from qvggt_export.quant.scale import fake_quantize_with_scales
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    x = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)  # uneven channel energies: act-order has work
+    wq, scales = gptq_quantize(w, x.t() @ x, act_order=act_order)
+    rtn, _ = fake_quantize_with_scales(w, 4)
+    error = lambda v: float(((x @ (v - w).t()) ** 2).sum())
+    assert error(wq) < 0.9 * error(rtn)
+    q, s16 = quantize(wq, 4, scales=scales.float())  # packing against the returned scales is exact
+    assert torch.equal(dequantize(q, s16), wq)

@@ -52,19 +52,27 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int = 4, group_size: in
         g1 = g0 + group_size
         s16 = group_scales(w[:, g0:g1], bits, group_size).to(torch.float16)
         scales[:, g0 // group_size] = s16[:, 0]
-        s = s16.float()[:, 0]
-        block = w[:, g0:g1].clone()
-        errors = torch.empty_like(block)
-        hblock = hinv[g0:g1, g0:g1]
-        for i in range(group_size):
-            col = block[:, i]
-            q = torch.clamp(torch.round(col / s), QMIN[bits], QMAX[bits]) * s
-            out[:, g0 + i] = q
-            err = (col - q) / hblock[i, i]
-            block[:, i:] -= err[:, None] * hblock[i, i:][None, :]
-            errors[:, i] = err
-        w[:, g1:] -= errors @ hinv[g0:g1, g1:]
+        out[:, g0:g1] = _sweep(w, hinv, g0, g1, s16.float().expand(n, group_size), bits)
     return out, scales
+
+
+def _sweep(w: Tensor, hinv: Tensor, c0: int, c1: int, column_scale: Tensor, bits: int) -> Tensor:
+    """Rounds columns c0:c1 of w one at a time against their scales [N, c1 - c0], feeding each rounding
+    error forward through the inverse-Hessian factor (into the batch now, into later columns of w at the
+    end: GPTQ's lazy batch update). Returns the rounded columns."""
+    block = w[:, c0:c1].clone()
+    rounded = torch.empty_like(block)
+    errors = torch.empty_like(block)
+    hblock = hinv[c0:c1, c0:c1]
+    for i in range(c1 - c0):
+        col, s = block[:, i], column_scale[:, i]
+        q = torch.clamp(torch.round(col / s), QMIN[bits], QMAX[bits]) * s
+        rounded[:, i] = q
+        err = (col - q) / hblock[i, i]
+        block[:, i:] -= err[:, None] * hblock[i, i:][None, :]
+        errors[:, i] = err
+    w[:, c1:] -= errors @ hinv[c0:c1, c1:]
+    return rounded
 
 
 def _gptq_act_order(w: Tensor, hessian: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
@@ -77,15 +85,5 @@ def _gptq_act_order(w: Tensor, hessian: Tensor, bits: int, group_size: int) -> t
     out = torch.empty_like(w)
     for c0 in range(0, k, group_size):  # lazy batches of columns, as the reference implementation
         c1 = min(c0 + group_size, k)
-        block = w[:, c0:c1].clone()
-        errors = torch.empty_like(block)
-        hblock = hinv[c0:c1, c0:c1]
-        for i in range(c1 - c0):
-            col, s = block[:, i], column_scale[:, c0 + i]
-            q = torch.clamp(torch.round(col / s), QMIN[bits], QMAX[bits]) * s
-            out[:, c0 + i] = q
-            err = (col - q) / hblock[i, i]
-            block[:, i:] -= err[:, None] * hblock[i, i:][None, :]
-            errors[:, i] = err
-        w[:, c1:] -= errors @ hinv[c0:c1, c1:]
+        out[:, c0:c1] = _sweep(w, hinv, c0, c1, column_scale[:, c0:c1], bits)
     return out[:, torch.argsort(perm)], scales16
