@@ -83,3 +83,44 @@ def test_synthetic_val_metrics_match_model_card(model, card):
         base_depth.append(depth_metrics(np.ones_like(seq.depth), seq.depth, seq.valid)["abs_rel"])
     assert got["rotation_error_deg"] < np.mean([m["rotation_error_deg"] for m in base_pose]) - 20
     assert got["abs_rel"] < 0.8 * np.mean(base_depth)
+
+
+def video_subset_metrics(predict, card_video: dict) -> dict:
+    """Pose and depth metrics of `predict` (images [S, 3, H, W] -> (extrinsics, depth)) on the card's
+    synthetic-video subset, pooled over its pairs and frames (no point maps: those need the slow ICP)."""
+    from qvggt_export.data.synthetic import SYNTHETIC_VIDEO
+    from qvggt_export.metrics import depth_metrics, pose_metrics_from_errors, relative_pose_errors
+
+    rot, trans, abs_rel = [], [], []
+    reader = SyntheticReader(SYNTHETIC_VIDEO, num_views=card_video["views"], max_scenes=card_video["scenes"],
+                             image_size=tuple(card_video["image_size"]))
+    for seq in reader:
+        extrinsics, depth = predict(seq.images)
+        r, t = relative_pose_errors(extrinsics, seq.extrinsics)
+        rot.append(r)
+        trans.append(t)
+        abs_rel.append(depth_metrics(depth, seq.depth, seq.valid)["abs_rel"])
+    metrics = pose_metrics_from_errors(np.concatenate(rot), np.concatenate(trans))
+    return {**metrics, "abs_rel": float(np.mean(abs_rel))}
+
+
+def test_synthetic_video_metrics_match_model_card(model):
+    """The video-like split, where the card compares the model with the identity-pose predictor."""
+    from qvggt_export.inference import run_model
+
+    card_video = card_block("test-subset-video")
+
+    def predict_model(images):
+        preds = run_model(model, images, "cpu")
+        return preds["extrinsic"], preds["depth"][..., 0]
+
+    def predict_identity(images):
+        S, _, H, W = images.shape
+        return np.tile(np.eye(3, 4), (S, 1, 1)), np.ones((S, H, W))
+
+    got, identity = video_subset_metrics(predict_model, card_video), video_subset_metrics(predict_identity, card_video)
+    tol = card_video["tolerance"]
+    for name, measured in (("metrics", got), ("identity", identity)):
+        for key, expected in card_video[name].items():
+            allowed = tol["abs"].get(key, 0.0) + tol["rel"] * abs(expected)
+            assert abs(measured[key] - expected) <= allowed, f"{name} {key}: got {measured[key]:.4f}, card {expected:.4f}"
