@@ -259,10 +259,6 @@ def is_pipeline_block(block: BlockSpec) -> bool:
     return block.kind in PIPELINE_KINDS
 
 
-def block_modules(model: nn.Module, scope: str = DEFAULT_SCOPE) -> dict[str, nn.Module]:
-    return {b.name: model.get_submodule(b.name) for b in quant_blocks(model, scope)}
-
-
 def begin_forward(model: nn.Module, images: Tensor, first: BlockSpec | None = None):
     """images [B, S, 3, H, W] -> the state entering pipeline block `first`: an encoder state when it is
     an encoder block, else the aggregator state entering frame block 0 (the encoder run whole)."""

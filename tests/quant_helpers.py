@@ -37,3 +37,20 @@ def random_calibration(scenes: int = 2, frames: int = 2, size=(28, 42), seed: in
     g = torch.Generator().manual_seed(seed)
     return CalibrationSet([CalibScene(f"random:{i}", torch.rand(frames, 3, *size, generator=g)) for i in range(scenes)],
                           "random")
+
+
+def trial_matches_plain_path(model, plain, cached, edited) -> tuple[int, int]:
+    """RTN-quantizes `edited`'s mlp.fc1 as a trial would, asserts the block cache predicts bit-identically
+    to the plain path, undoes the edit; returns the block-forwards each path spent on the trial."""
+    from qvggt_export.quant.modules import restore, snapshot
+    from qvggt_export.quant.scale import fake_quantize_with_scales
+
+    saved = snapshot(model, [edited.name])
+    with torch.no_grad():
+        weight = model.get_submodule(f"{edited.name}.mlp.fc1").weight
+        weight.copy_(fake_quantize_with_scales(weight, 4)[0])
+    plain_before, cached_before = plain.block_forwards, cached.block_forwards
+    for a, b in zip(plain.predict(), cached.predict()):
+        assert all(torch.equal(a[k], b[k]) for k in a), edited.name
+    restore(model, saved)
+    return plain.block_forwards - plain_before, cached.block_forwards - cached_before

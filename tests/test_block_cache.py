@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from qvggt_export import arch
-from qvggt_export.model import VGGT, load_model, save_quantized, save_vggt
+from qvggt_export.model import load_model, save_quantized, save_vggt
 from qvggt_export.quant.calibration_run import calibrate, local_scenes
 from qvggt_export.quant.distributed import Shard
 from qvggt_export.quant.forward import BlockCache, FullModelForward
-from qvggt_export.quant.modules import restore, snapshot
 from qvggt_export.quant.progress import QuantizeProgress
 from qvggt_export.quant.quantizer import METHODS, QuantConfig, quantize_model
-from qvggt_export.quant.scale import fake_quantize_with_scales
 
-from quant_helpers import small_calibration, small_model
+from quant_helpers import small_calibration, small_model, trial_matches_plain_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,17 +51,9 @@ def test_cache_predictions_equal_full_model_bitwise():
     first = arch.quant_blocks(model)[0]
     cached.advance(first)
     cached.predict()  # runs the advance (lazily deferred until needed)
-    second = arch.quant_blocks(model)[1]
-    saved = snapshot(model, [second.name])
-    with torch.no_grad():
-        w = model.get_submodule(f"{second.name}.mlp.fc1").weight
-        w.copy_(fake_quantize_with_scales(w, 4)[0])
-    plain_before, cached_before = plain.block_forwards, cached.block_forwards
-    for a, b in zip(plain.predict(), cached.predict()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    restore(model, saved)
+    plain_cost, cached_cost = trial_matches_plain_path(model, plain, cached, arch.quant_blocks(model)[1])
     # The cached trial skipped the finished first block on each of the 2 scenes.
-    assert (plain.block_forwards - plain_before) - (cached.block_forwards - cached_before) == 2
+    assert plain_cost - cached_cost == 2
 
 
 @pytest.mark.parametrize("method", ["awq", "qvggt", "gptq"])

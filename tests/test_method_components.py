@@ -11,11 +11,9 @@ import torch
 
 from qvggt_export import arch
 from qvggt_export.model import load_model
-from qvggt_export.quant.calibration_run import calibrate, local_scenes
+from qvggt_export.quant.calibration_run import calibrate
 from qvggt_export.quant.calibration_set import synthetic_calibration
 from qvggt_export.quant.cic import cic_token
-from qvggt_export.quant.distributed import Shard
-from qvggt_export.quant.forward import BlockCache
 from qvggt_export.quant.quantizer import QuantConfig, quantize_model
 
 from quant_helpers import small_calibration, small_model

@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ..io import atomic_output, sha256_json, write_json

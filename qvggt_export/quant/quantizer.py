@@ -190,7 +190,7 @@ class BlockQuantizer:
     def capture(self, block: arch.BlockSpec) -> None:
         """One exercise of the block: each scale group's objective-module calls (inputs, FP output, image-token
         mask) and each planned linear's sampled input rows, per local scene."""
-        groups = [g for g in arch.SCALE_GROUPS]
+        groups = arch.SCALE_GROUPS
         self.calls = {g.objective: {} for g in groups}
         self.rows = {n: {} for n in self.planned(block.name)}
         per_call = max(1, -(-self.config.clip_rows // self.total))
@@ -249,14 +249,14 @@ class BlockQuantizer:
         module = self.model.get_submodule(f"{block.name}.{group.objective}")
         local = []
         for scene in sorted(self.calls[group.objective]):
-            err = ref = 0.0
+            err = ref = 0  # device tensors after the first call: one host sync per scene, not per call
             for args, kwargs, out, mask in self.calls[group.objective][scene]:
                 with autocast(self.forward.device, self.forward.dtype):
                     y = module(*args, **kwargs)
-                diff = (y.float() - out.float())[..., mask, :]
-                err += float(diff.pow(2).sum())
-                ref += float(out.float()[..., mask, :].pow(2).sum())
-            local.append((err, ref))
+                target = out.float()[..., mask, :]
+                err = err + (y.float()[..., mask, :] - target).pow(2).sum()
+                ref = ref + target.pow(2).sum()
+            local.append((float(err), float(ref)))
         parts = gather_in_order(local, self.shard, self.total)
         return sum(e for e, _ in parts) / max(sum(r for _, r in parts), 1e-20)
 

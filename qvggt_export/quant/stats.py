@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import arch
 from ..errors import QVGGTError
 from .distributed import Shard, gather_in_order, sum_in_order
-from .forward import FullModelForward, LocalScene
+from .forward import FullModelForward
 
 STAT_FIELDS = ("absmean_image", "absmean_all")
 
@@ -112,12 +112,15 @@ def collect_stats(model: nn.Module, forward: FullModelForward, total_scenes: int
         for h in handles:
             h.remove()
     local = [per_scene[i] for i in sorted(per_scene)]
+    # Token counts of every linear in one exchange (small ints); the sums scene by scene, in scene order.
+    counts = gather_in_order([{n: (acc[n].n_image, acc[n].n_all) for n in names} for acc in local], shard,
+                             total_scenes)
     linears = {}
     for name in names:
-        counts = gather_in_order([(acc[name].n_image, acc[name].n_all) for acc in local], shard, total_scenes)
         sums_image = sum_in_order([acc[name].sum_image for acc in local], shard, total_scenes)
         sums_all = sum_in_order([acc[name].sum_all for acc in local], shard, total_scenes)
-        linears[name] = _combine(sums_image, sums_all, sum(c[0] for c in counts), sum(c[1] for c in counts))
+        linears[name] = _combine(sums_image, sums_all, sum(c[name][0] for c in counts),
+                                 sum(c[name][1] for c in counts))
     cams = torch.cat(gather_in_order(camera_tokens, shard, total_scenes))
     if not torch.isfinite(cams).all():
         raise QVGGTError("NaN/Inf in the camera tokens during calibration")
