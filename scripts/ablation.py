@@ -42,6 +42,8 @@ VARIANTS = [
     ("QVGGT: full, FP targets", QuantConfig(targets="fp")),
     ("QVGGT + GPTQ rounding", QuantConfig(rounding="gptq")),
     ("QVGGT + GPTQ rounding, FP targets", QuantConfig(rounding="gptq", targets="fp")),
+    ("QVGGT + GPTQ rounding, no token filtering", QuantConfig(rounding="gptq", token_filter=False)),
+    ("QVGGT + GPTQ rounding, no CIC", QuantConfig(rounding="gptq", cic=False)),
 ]
 
 
@@ -77,12 +79,16 @@ def main() -> None:
     parser.add_argument("--split", default="synthetic-val,synthetic-video", help="comma-separated synthetic splits")
     parser.add_argument("--scenes", type=int, default=None, help="default: the whole split")
     parser.add_argument("--views", type=int, default=None, help="default: the split's")
-    parser.add_argument("--only", default=None, help="comma-separated variant names to run (default: all)")
+    parser.add_argument("--only", default=None, help="semicolon-separated variant names to run (default: all)")
     parser.add_argument("--size", default=None, help="HxW of the val views (default: the model's training width, 4:3)")
     parser.add_argument("--calib-scenes", type=int, default=8)
     parser.add_argument("--calib-frames", type=int, default=4)
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
+    wanted = {v.strip() for v in args.only.split(";")} if args.only else None
+    unknown = (wanted or set()) - {name for name, _ in VARIANTS}
+    if unknown:
+        parser.error(f"--only: unknown variants {sorted(unknown)}")
     setup_logging()
     torch.set_grad_enabled(False)
     if args.random:
@@ -107,7 +113,6 @@ def main() -> None:
     fp = {name: predictions(model, scenes) for name, scenes in splits.items()}
     rows = {name: {"FP": {**table_row(fp[name], fp[name], scenes), "weight MB": weight_bytes(model) / 1e6, "s": 0.0}}
             for name, scenes in splits.items()}
-    wanted = set(args.only.split(",")) if args.only else None
     for variant, config in VARIANTS:
         if wanted is not None and variant not in wanted:
             continue

@@ -101,6 +101,19 @@ def test_awq_qvggt_and_gptq_reconstruct_every_block_better_than_rtn(default_mode
         assert not worse, f"{method} not below RTN on {worse}"
 
 
+def test_scale_search_under_gptq_rounding_reconstructs_better_than_gptq_alone(default_model_set):
+    """With --rounding gptq the scale candidates are scored after GPTQ rounding (alpha 0 = plain GPTQ is one
+    of them), so the searched scales can only help GPTQ; scored after RTN rounding they do not."""
+    model, calib, calibration = default_model_set
+    errors = {}
+    for name, config in (("gptq", QuantConfig(method="gptq", plan="uniform")),
+                         ("scales+gptq", QuantConfig(method="qvggt", rounding="gptq", **ONLY_SCALES))):
+        errors[name] = block_errors(model, quantize_model(model, calib, config, calibration=calibration), calib)
+    # Summed over blocks (single blocks can trade: each scale group is scored on its own module's output).
+    total = {k: sum(v.values()) for k, v in errors.items()}
+    assert total["scales+gptq"] < 0.98 * total["gptq"], total
+
+
 def test_cic_token_is_eq_5_to_8_the_rescaled_mean_camera_token():
     torch.manual_seed(0)
     tokens = 5 * torch.randn(64) + torch.randn(40, 64)

@@ -48,6 +48,7 @@ COMPONENTS = ("mixed", "token_filter", "cic", "task_aware")
 # `--fast`: fewer scale candidates and task-aware trials (the trials dominate the time on VGGT-1B).
 FAST_PRESET = {"grid": 10, "task_topk": 2}
 ROUNDINGS = ("rtn", "gptq")
+UNSCALED = "none"  # the no-scaling candidate of the search under GPTQ rounding (report: alpha "none")
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class BlockQuantizer:
         self.clip_scales: dict[str, Tensor] = {}  # per linear: group scales after the clipping search
         self.calls: dict = {}
         self.rows: dict = {}
+        self.hessians: dict[str, Tensor] = {}  # GPTQ rounding: per planned linear, sum x x^T of its (filtered) inputs
         self.calib_scenes = {local.index: local.scene for local in forward.scenes}
 
     def planned(self, block: str) -> list[str]:
@@ -179,13 +181,19 @@ class BlockQuantizer:
         return gathered_task_loss(self.forward.predict(), self.targets, self.shard, self.total,
                                   self.config.loss_weights)[0]
 
-    def fake_quantize(self, names: list[str]) -> None:
-        with torch.no_grad():
-            for name in names:
-                weight = self.model.get_submodule(name).weight
+    @torch.no_grad()
+    def round_scaled(self, names: list[str], scales: dict[str, Tensor]) -> None:
+        """Rounds the (already scaled) weights of `names` in place with the method's rounding; `scales`:
+        the scale each weight was multiplied by (GPTQ needs it for the Hessian of the weight's input)."""
+        for name in names:
+            weight = self.model.get_submodule(name).weight
+            if self.parts["rounding"] == "gptq":
+                wq, self.qscales[name] = self.gptq(name, weight, scales.get(name))
+                self.entries.setdefault(name, {})["rounding"] = "gptq"
+            else:
                 wq, self.qscales[name] = fake_quantize_with_scales(weight, self.bits[name],
                                                                    scales=self.clip_scales.get(name))
-                weight.copy_(wq)
+            weight.copy_(wq.to(weight.dtype))
 
     def capture(self, block: arch.BlockSpec) -> None:
         """One exercise of the block: each scale group's objective-module calls (inputs, FP output, image-token
@@ -193,6 +201,8 @@ class BlockQuantizer:
         groups = arch.SCALE_GROUPS
         self.calls = {g.objective: {} for g in groups}
         self.rows = {n: {} for n in self.planned(block.name)}
+        gptq = self.parts["rounding"] == "gptq"
+        hessians: dict[str, dict[int, Tensor]] = {n: {} for n in self.rows}
         per_call = max(1, -(-self.config.clip_rows // self.total))
         generators = {i: torch.Generator().manual_seed(1_000_003 * self.block_index(block) + i) for i in self.calib_scenes}
 
@@ -209,6 +219,8 @@ class BlockQuantizer:
             def hook(module, args):
                 x, scene = args[0].detach(), self.forward.current_scene
                 rows = x[..., mask_for(x, scene), :].reshape(-1, x.shape[-1])
+                if gptq:
+                    _accumulate(hessians[name], scene, rows.float())
                 if rows.shape[0] > per_call:
                     pick = torch.randperm(rows.shape[0], generator=generators[scene])[:per_call]
                     rows = rows[pick.sort().values.to(rows.device)]
@@ -224,6 +236,27 @@ class BlockQuantizer:
         finally:
             for h in handles:
                 h.remove()
+        self.hessians = {n: self.reduce_hessian(h) for n, h in hessians.items()} if gptq else {}
+
+    def reduce_hessian(self, per_scene: dict[int, Tensor]) -> Tensor:
+        return sum_in_order([per_scene[i] for i in sorted(per_scene)], self.shard, self.total)
+
+    def round_trip(self, name: str, weight: Tensor, s: Tensor) -> Tensor:
+        """What linear `name` computes after scaling by s and rounding with the method's rounding, on its
+        original input: Q(W diag(s)) diag(s)^-1. Under GPTQ the Hessian of the scaled weight's input x / s is
+        diag(s)^-1 H diag(s)^-1, so each scale candidate is scored with the rounding that will ship."""
+        if self.parts["rounding"] != "gptq":
+            return scaled_round_trip(weight, s, self.bits[name])
+        wq, _ = self.gptq(name, weight.float() * s[None, :], s)
+        return (wq / s[None, :]).to(weight.dtype)
+
+    def gptq(self, name: str, weight: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor]:
+        """GPTQ of a weight that sees inputs x / s (s None: x), from the captured Hessian of x."""
+        hessian = self.hessians[name]
+        if s is not None:
+            s = s.to(hessian.device).float()
+            hessian = hessian / (s[:, None] * s[None, :])
+        return gptq_quantize(weight, hessian, self.bits[name], act_order=self.config.act_order)
 
     def token_mask(self, block: arch.BlockSpec, x: Tensor, scene: int) -> Tensor:
         """The tokens (dim -2 of x) the search and the Hessians use: image tokens under token filtering,
@@ -268,15 +301,20 @@ class BlockQuantizer:
         stats = [self.calibration.stats.linears[n] for n in layers]
         x_mean = sum(s.absmean_image if filtered else s.absmean_all for s in stats)
         w_mean = weight_channel_mean([self.model.get_submodule(n).weight for n in layers])
-        alphas = [i / self.config.grid for i in range(self.config.grid)]
+        device = self.model.get_submodule(layers[0]).weight.device
+        candidates = {i / self.config.grid: candidate_scales(x_mean, i / self.config.grid, w_mean).to(device)
+                      for i in range(self.config.grid)}
+        if self.parts["rounding"] == "gptq":
+            # GPTQ's error feedback already does part of what scales do: no scaling (plain GPTQ) stays a
+            # candidate, so the search can only improve on it. (AutoAWQ's grid has none: duo alpha 0 is 1 / w.)
+            candidates[UNSCALED] = torch.ones_like(x_mean, device=device)
         recon = {}
         originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in layers}
-        for alpha in alphas:
-            s = candidate_scales(x_mean, alpha, w_mean).to(originals[layers[0]].device)
+        for label, s in candidates.items():
             with torch.no_grad():
                 for n in layers:
-                    self.model.get_submodule(n).weight.copy_(scaled_round_trip(originals[n], s, self.bits[n]))
-            recon[alpha] = self.module_error(block, group)
+                    self.model.get_submodule(n).weight.copy_(self.round_trip(n, originals[n], s))
+            recon[label] = self.module_error(block, group)
         with torch.no_grad():
             for n in layers:
                 self.model.get_submodule(n).weight.copy_(originals[n])
@@ -284,19 +322,27 @@ class BlockQuantizer:
         prev = f"{block.name}.{group.prev_op}"
         if self.parts["task_aware"]:
             scores = {}
-            for alpha in sorted(recon, key=recon.get)[: self.config.task_topk]:
+            for label in sorted(recon, key=recon.get)[: self.config.task_topk]:
                 saved = snapshot(self.model, [prev] + layers)
-                apply_scale(self.model, prev, layers, group.fold, candidate_scales(x_mean, alpha, w_mean))
-                self.fake_quantize(layers)
-                scores[alpha] = self.task_loss() + recon[alpha]
+                self.scale_group(block, group, layers, label, candidates[label])
+                self.round_scaled(layers, self.chosen_scales)
+                scores[label] = self.task_loss() + recon[label]
                 restore(self.model, saved)
+                for n in layers:
+                    self.chosen_scales.pop(n, None)
         best = min(scores, key=scores.get)
-        chosen = candidate_scales(x_mean, best, w_mean)
-        apply_scale(self.model, prev, layers, group.fold, chosen)
+        self.scale_group(block, group, layers, best, candidates[best])
         for n in layers:
-            self.chosen_scales[n] = chosen
             self.entries[n] = {"alpha": best, "alpha_recon": min(recon, key=recon.get), "recon": recon[best],
                                "recon_alpha0": recon[0.0], "score": scores[best]}
+
+    def scale_group(self, block: arch.BlockSpec, group: arch.ScaleGroup, layers: list[str], label, s: Tensor) -> None:
+        """Folds scale s into the group's linears (and its inverse into the op before); unscaled: nothing."""
+        if label == UNSCALED:
+            return
+        apply_scale(self.model, f"{block.name}.{group.prev_op}", layers, group.fold, s)
+        for n in layers:
+            self.chosen_scales[n] = s
 
     def clip(self, block: arch.BlockSpec) -> None:
         """AutoAWQ's clipping search on each planned linear of a clippable group, on its (scaled) inputs."""
@@ -312,22 +358,22 @@ class BlockQuantizer:
             ratio = self.clip_scales[name] / group_scales(weight, self.bits[name])
             self.entries.setdefault(name, {})["clip_mean_ratio"] = float(ratio.mean())
 
-    def round_rtn(self, block: arch.BlockSpec) -> None:
-        self.fake_quantize(self.planned(block.name))
-
-    def round_gptq(self, block: arch.BlockSpec) -> None:
+    def round(self, block: arch.BlockSpec) -> None:
+        """The block's final rounding. GPTQ's Hessians come from the scale-search capture when there was
+        one (so the rounding is exactly the one the search scored), else from one exercise of the block."""
         layers = self.planned(block.name)
+        if self.parts["rounding"] == "gptq" and not self.hessians:
+            self.capture_hessians(block, layers)
+        self.round_scaled(layers, self.chosen_scales)
+        self.hessians = {}
+
+    def capture_hessians(self, block: arch.BlockSpec, layers: list[str]) -> None:
         per_scene: dict[str, dict[int, Tensor]] = {n: {} for n in layers}
 
         def hook(name):
             def accumulate(module, args):
-                x = args[0].detach().float()
-                if getattr(module, "input_scale", None) is not None:  # what the (scaled) weight really sees
-                    x = x * module.input_scale.float()
-                scene = self.forward.current_scene
-                x = x[..., self.token_mask(block, x, scene), :].reshape(-1, x.shape[-1])
-                h = x.t() @ x
-                per_scene[name][scene] = per_scene[name][scene] + h if scene in per_scene[name] else h
+                x, scene = args[0].detach().float(), self.forward.current_scene
+                _accumulate(per_scene[name], scene, x[..., self.token_mask(block, x, scene), :].reshape(-1, x.shape[-1]))
             return accumulate
 
         handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
@@ -336,14 +382,7 @@ class BlockQuantizer:
         finally:
             for h in handles:
                 h.remove()
-        with torch.no_grad():
-            for name in layers:
-                scenes = per_scene[name]
-                hessian = sum_in_order([scenes[i] for i in sorted(scenes)], self.shard, self.total)
-                weight = self.model.get_submodule(name).weight
-                wq, self.qscales[name] = gptq_quantize(weight, hessian, self.bits[name], act_order=self.config.act_order)
-                weight.copy_(wq.to(weight.dtype))
-                self.entries.setdefault(name, {})["rounding"] = "gptq"
+        self.hessians = {n: self.reduce_hessian(per_scene[n]) for n in layers}
 
     def quantize_block(self, block: arch.BlockSpec) -> dict[str, dict]:
         """Runs the method's steps on one block; returns the block's report entries."""
@@ -355,13 +394,18 @@ class BlockQuantizer:
             if self.parts["clip"]:
                 self.clip(block)
             self.calls, self.rows = {}, {}  # the block's captured activations are no longer needed
-        (self.round_gptq if self.parts["rounding"] == "gptq" else self.round_rtn)(block)
+        self.round(block)
         return dict(self.entries)
 
     def pack(self) -> None:
         for name, bits in self.bits.items():
             linear = self.model.get_submodule(name)
             replace_module(self.model, name, QuantLinear.from_linear(linear, bits, name=name, scales=self.qscales[name]))
+
+
+def _accumulate(per_scene: dict[int, Tensor], scene: int, rows: Tensor) -> None:
+    h = rows.t() @ rows
+    per_scene[scene] = per_scene[scene] + h if scene in per_scene else h
 
 
 def _peak_memory(device: torch.device) -> tuple[float, float | None]:
