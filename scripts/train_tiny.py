@@ -49,6 +49,7 @@ from qvggt_export.data.synthetic import TRAIN_SEEDS, TRAJECTORIES, render_scene 
 from qvggt_export.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri  # noqa: E402
 from qvggt_export.io import atomic_output, write_json  # noqa: E402
 from qvggt_export.model import VGGT, save_vggt  # noqa: E402
+from qvggt_export.model.dinov2 import DINOv2  # noqa: E402
 from qvggt_export.model.presets import TINY_CONFIG, tiny_config  # noqa: E402
 
 SCENE_VIEWS = 10  # views rendered per training scene (as synthetic-val)
@@ -331,6 +332,37 @@ RESUME_OVERRIDES = ("steps", "minutes", "stop_step", "threads", "out", "best_out
                     "state_every", "save_every", "eval_every", "resume", "cache_dir")
 
 
+def init_encoder_embeddings(model: VGGT) -> None:
+    """DINOv2's own initialisation of its learned embeddings (the module keeps zeros, as loading a released
+    checkpoint overwrites them): absolute position embeddings trunc-normal 0.02, class and register tokens
+    1e-6. A no-op for the conv patch embed."""
+    encoder = model.aggregator.patch_embed
+    if isinstance(encoder, DINOv2):
+        torch.nn.init.trunc_normal_(encoder.pos_embed, std=0.02)
+        torch.nn.init.normal_(encoder.cls_token, std=1e-6)
+        torch.nn.init.normal_(encoder.register_tokens, std=1e-6)
+
+
+def warm_start(model: VGGT, init: VGGT) -> tuple[int, list[str]]:
+    """Loads `init`'s weights into `model`. Same config: every tensor. A conv patch embed into a DINOv2
+    one (the released encoder, which adds learned absolute position embeddings): the patchify conv moves
+    to the encoder's, every other tensor of equal name and shape is loaded and the rest (position
+    embeddings, encoder blocks, their norm) keep their fresh initialisation. Any other change: an error."""
+    if init.config == model.config:
+        model.load_state_dict(init.state_dict())
+        return len(init.state_dict()), []
+    same = {**init.config.to_dict(), "patch_embed": None, "dinov2_depth": None, "dinov2_num_heads": None}
+    if (init.config.patch_embed != "conv" or model.config.patch_embed == "conv"
+            or same != {**model.config.to_dict(), "patch_embed": None, "dinov2_depth": None, "dinov2_num_heads": None}):
+        raise SystemExit("error: --init has another config than the run's (only conv -> DINOv2 patch embed converts)")
+    source = {k.replace("aggregator.patch_embed.proj.", "aggregator.patch_embed.patch_embed.proj."): v
+              for k, v in init.state_dict().items()}
+    target = model.state_dict()
+    shared = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return len(shared), sorted(set(target) - set(shared))
+
+
 def parse_stages(text: str, args) -> list[dict]:
     """'STEP:TRAJECTORY:VIEWS:BATCH,...' (a curriculum) -> stages by start step; '' -> one stage of the flat args."""
     if not text:
@@ -554,14 +586,14 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     cfg = tiny_config(**json.loads(args.config))
     model = VGGT(cfg).train()
-    if args.init:  # warm start (same config), e.g. from the previous vggt-tiny
+    init_encoder_embeddings(model)
+    if args.init:  # warm start, e.g. from the previous vggt-tiny
         from qvggt_export.model import load_model
 
         init = load_model(None if args.init == "vggt-tiny" else args.init)
-        if init.config != cfg:
-            raise SystemExit(f"error: --init {args.init} has another config than the run's")
-        model.load_state_dict(init.state_dict())
-        print(f"initialised from {args.init}", flush=True)
+        loaded, fresh = warm_start(model, init)
+        print(f"initialised from {args.init}: {loaded} tensors loaded, {len(fresh)} fresh "
+              f"({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config {cfg.to_dict()}\nparameters {n_params / 1e6:.2f} M", flush=True)
     opt = make_optimizer(model, args)

@@ -79,3 +79,23 @@ def test_sigterm_saves_the_state(tmp_path):
     assert proc.returncode == 0 and "signal" in output
     saved = torch.load(state, weights_only=False)
     assert saved["step"] >= 1 and saved["log"]["steps_done"] == saved["step"]
+
+
+def test_warm_start_moves_the_conv_patchify_into_a_dinov2_encoder():
+    from qvggt_export.model import VGGT
+    from qvggt_export.model.presets import tiny_config
+
+    small = json.loads(SMALL)
+    torch.manual_seed(0)
+    conv = VGGT(tiny_config(**small))
+    dino = VGGT(tiny_config(**small, patch_embed="dinov2", dinov2_depth=1, dinov2_num_heads=4))
+    train_tiny.init_encoder_embeddings(dino)
+    assert float(dino.aggregator.patch_embed.pos_embed.std()) > 0.01  # DINOv2's init, not the module's zeros
+    loaded, fresh = train_tiny.warm_start(dino, conv)
+    assert torch.equal(dino.aggregator.patch_embed.patch_embed.proj.weight, conv.aggregator.patch_embed.proj.weight)
+    assert torch.equal(dino.camera_head.state_dict()["trunk.0.attn.qkv.weight"],
+                       conv.camera_head.state_dict()["trunk.0.attn.qkv.weight"])
+    assert loaded == len(conv.state_dict()) and all(n.startswith("aggregator.patch_embed.") for n in fresh)
+    assert "aggregator.patch_embed.pos_embed" in fresh
+    with pytest.raises(SystemExit, match="another config"):
+        train_tiny.warm_start(VGGT(tiny_config(**{**small, "embed_dim": 64})), conv)
