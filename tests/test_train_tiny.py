@@ -90,7 +90,7 @@ def test_warm_start_moves_the_conv_patchify_into_a_dinov2_encoder():
     conv = VGGT(tiny_config(**small))
     dino = VGGT(tiny_config(**small, patch_embed="dinov2", dinov2_depth=1, dinov2_num_heads=4))
     train_tiny.init_encoder_embeddings(dino)
-    assert float(dino.aggregator.patch_embed.pos_embed.std()) > 0.01  # DINOv2's init, not the module's zeros
+    assert float(dino.aggregator.patch_embed.pos_embed.detach().std()) > 0.01  # DINOv2's init, not the module's zeros
     loaded, fresh = train_tiny.warm_start(dino, conv)
     assert torch.equal(dino.aggregator.patch_embed.patch_embed.proj.weight, conv.aggregator.patch_embed.proj.weight)
     assert torch.equal(dino.camera_head.state_dict()["trunk.0.attn.qkv.weight"],
