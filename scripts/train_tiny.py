@@ -351,9 +351,11 @@ def warm_start(model: VGGT, init: VGGT) -> tuple[int, list[str]]:
     if init.config == model.config:
         model.load_state_dict(init.state_dict())
         return len(init.state_dict()), []
-    same = {**init.config.to_dict(), "patch_embed": None, "dinov2_depth": None, "dinov2_num_heads": None}
+    def beyond_encoder(cfg) -> dict:
+        return {k: v for k, v in cfg.to_dict().items() if k not in ("patch_embed", "dinov2_depth", "dinov2_num_heads")}
+
     if (init.config.patch_embed != "conv" or model.config.patch_embed == "conv"
-            or same != {**model.config.to_dict(), "patch_embed": None, "dinov2_depth": None, "dinov2_num_heads": None}):
+            or beyond_encoder(init.config) != beyond_encoder(model.config)):
         raise SystemExit("error: --init has another config than the run's (only conv -> DINOv2 patch embed converts)")
     source = {k.replace("aggregator.patch_embed.proj.", "aggregator.patch_embed.patch_embed.proj."): v
               for k, v in init.state_dict().items()}

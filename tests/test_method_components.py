@@ -102,8 +102,8 @@ def test_awq_qvggt_and_gptq_reconstruct_every_block_better_than_rtn(default_mode
 
 
 def test_scale_search_under_gptq_rounding_reconstructs_better_than_gptq_alone(default_model_set):
-    """With --rounding gptq the scale candidates are scored after GPTQ rounding (alpha 0 = plain GPTQ is one
-    of them), so the searched scales can only help GPTQ; scored after RTN rounding they do not."""
+    """With --rounding gptq the scale candidates are scored after GPTQ rounding (no scaling, i.e. plain GPTQ,
+    is one of them), so the searched scales can only help GPTQ; scored after RTN rounding they do not."""
     model, calib, calibration = default_model_set
     errors = {}
     for name, config in (("gptq", QuantConfig(method="gptq", plan="uniform")),

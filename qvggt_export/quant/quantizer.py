@@ -324,25 +324,23 @@ class BlockQuantizer:
             scores = {}
             for label in sorted(recon, key=recon.get)[: self.config.task_topk]:
                 saved = snapshot(self.model, [prev] + layers)
-                self.scale_group(block, group, layers, label, candidates[label])
-                self.round_scaled(layers, self.chosen_scales)
+                self.round_scaled(layers, self.scale_group(block, group, layers, label, candidates[label]))
                 scores[label] = self.task_loss() + recon[label]
                 restore(self.model, saved)
-                for n in layers:
-                    self.chosen_scales.pop(n, None)
         best = min(scores, key=scores.get)
-        self.scale_group(block, group, layers, best, candidates[best])
+        self.chosen_scales.update(self.scale_group(block, group, layers, best, candidates[best]))
         for n in layers:
             self.entries[n] = {"alpha": best, "alpha_recon": min(recon, key=recon.get), "recon": recon[best],
                                "recon_alpha0": recon[0.0], "score": scores[best]}
 
-    def scale_group(self, block: arch.BlockSpec, group: arch.ScaleGroup, layers: list[str], label, s: Tensor) -> None:
-        """Folds scale s into the group's linears (and its inverse into the op before); unscaled: nothing."""
+    def scale_group(self, block: arch.BlockSpec, group: arch.ScaleGroup, layers: list[str], label,
+                    s: Tensor) -> dict[str, Tensor]:
+        """Folds scale s into the group's linears (and its inverse into the op before); returns the scale
+        per linear. Unscaled: nothing to fold, {}."""
         if label == UNSCALED:
-            return
+            return {}
         apply_scale(self.model, f"{block.name}.{group.prev_op}", layers, group.fold, s)
-        for n in layers:
-            self.chosen_scales[n] = s
+        return {n: s for n in layers}
 
     def clip(self, block: arch.BlockSpec) -> None:
         """AutoAWQ's clipping search on each planned linear of a clippable group, on its (scaled) inputs."""
