@@ -1,0 +1,121 @@
+"""Learnability probe: can a vggt-tiny recipe learn the simplest cross-view task within a few hundred steps?
+
+Each sample is a pair: a training-scene view and the same view shifted sideways by s pixels (|s| <= --max-shift,
+reflect-padded), labelled as the yaw a camera turning by atan(s / f) would have. Only the aggregator and the
+camera head train, on VGGT's camera loss. Relative pose on rendered clips needs at least this (matching tokens
+across views and reading off where the match lies), so a recipe that cannot learn the sign of the shift here
+will not learn pose on the real split at the same budget. Every --eval-every steps it prints, on 64 fixed pairs
+of held-out scenes, the quaternion L1 error relative to the identity predictor's and the sign accuracy of the
+predicted yaw (a constant predictor scores the share of one sign, about 0.5). `--shift-unit 14` shifts by
+whole patches only, so each token of the shifted view equals one of the first view's (bar the border).
+
+    python scripts/probe_shift.py --init vggt-tiny --steps 600 --cache-dir runs/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+
+from qvggt_export.errors import QVGGTError
+from qvggt_export.geometry import extri_intri_to_pose_encoding
+from qvggt_export.model import VGGT, load_model
+from qvggt_export.model.presets import tiny_config
+
+_spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).with_name("train_tiny.py"))
+train_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_tiny)
+
+IMAGE_SIZE = (84, 112)
+FOCAL = IMAGE_SIZE[1] / 2 / np.tan(np.deg2rad(65) / 2)  # the middle of the renderer's field-of-view range
+TRAIN_SCENES, HELD_OUT_SCENES = range(0, 300), range(300, 310)
+YAW = 4  # pose-encoding index of the quaternion's y component (x, y, z, w after the translation)
+
+
+def shifted_pair(image: np.ndarray, shift: int, max_shift: int):
+    """[3, H, W] uint8 -> the pair (view, view shifted by `shift` px), extrinsics [2, 3, 4], intrinsics [2, 3, 3]."""
+    padded = np.pad(image.astype(np.float32) / 255.0, ((0, 0), (0, 0), (max_shift, max_shift)), mode="reflect")
+    width = image.shape[-1]
+    pair = np.stack([padded[:, :, max_shift:max_shift + width], padded[:, :, max_shift + shift:max_shift + shift + width]])
+    extrinsics = np.tile(np.eye(3, 4), (2, 1, 1))
+    extrinsics[1, :, :3] = Rotation.from_euler("y", np.arctan(shift / FOCAL)).as_matrix().T
+    intrinsics = np.tile(np.array([[FOCAL, 0, width / 2], [0, FOCAL, image.shape[1] / 2], [0, 0, 1.0]]), (2, 1, 1))
+    return pair, extrinsics, intrinsics
+
+
+def make_pairs(cache, rng: np.random.Generator, seeds, n: int, max_shift: int, unit: int = 1):
+    """n shifted pairs of random views of `seeds`; shifts are multiples of `unit` px in [-max_shift, max_shift]."""
+    pairs, extrinsics, intrinsics = zip(*(
+        shifted_pair(cache.get(int(rng.choice(seeds)))[0][int(rng.integers(train_tiny.SCENE_VIEWS))],
+                     unit * int(rng.integers(-(max_shift // unit), max_shift // unit + 1)), max_shift)
+        for _ in range(n)))
+    pose = extri_intri_to_pose_encoding(torch.from_numpy(np.stack(extrinsics)), torch.from_numpy(np.stack(intrinsics)),
+                                        IMAGE_SIZE)
+    return torch.from_numpy(np.stack(pairs)), pose.float()
+
+
+def camera_forward(model: VGGT, images: torch.Tensor):
+    return model.camera_head(model.aggregator(images)[model.config.depth - 1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="", help="checkpoint to start from ('vggt-tiny': the embedded model; '': random)")
+    p.add_argument("--config", default="{}", help="JSON overrides of the vggt-tiny config (e.g. a DINOv2 encoder)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-shift", type=int, default=14, help="largest shift in pixels (14: one patch)")
+    p.add_argument("--shift-unit", type=int, default=1,
+                   help="shifts are multiples of this (14: whole patches, so tokens match exactly)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="", help="scene cache of scripts/train_tiny.py (rendered when missing)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    try:
+        model = VGGT(tiny_config(**json.loads(args.config))).train()
+        train_tiny.init_encoder_embeddings(model)
+        if args.init:
+            train_tiny.warm_start(model, load_model(None if args.init == "vggt-tiny" else args.init))
+    except (QVGGTError, OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, "arc")
+    held_out = make_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.max_shift, args.shift_unit)
+    params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
+    rng, start = np.random.default_rng(args.seed), time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = train_tiny.lr_at(schedule, step)
+        images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, args.shift_unit)
+        loss, _ = train_tiny.camera_loss(camera_forward(model, images), pose)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            model.eval()
+            with torch.no_grad():
+                pred = camera_forward(model, held_out[0])[-1][:, 1]
+            model.train()
+            gt = held_out[1][:, 1]
+            ratio = float((pred[:, 3:7] - gt[:, 3:7]).abs().mean() / (gt[:, 3:7] - held_out[1][:, 0, 3:7]).abs().mean())
+            sign = float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean())
+            print(f"step {step + 1:5d} {time.time() - start:6.0f}s rotation L1 / identity's {ratio:.3f} "
+                  f"yaw sign accuracy {sign:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""scripts/probe_shift.py: its shifted pairs are what their labels say, and a short probe runs and reports."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "probe_shift.py"
+spec = importlib.util.spec_from_file_location("probe_shift", SCRIPT)
+probe_shift = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe_shift)
+
+
+@pytest.mark.parametrize("shift", [-14, -5, 0, 9])
+def test_shifted_view_and_its_yaw_label_agree(shift):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 84, 112), dtype=np.uint8)
+    pair, extrinsics, intrinsics = probe_shift.shifted_pair(image, shift, 14)
+    # Away from the padded border, column c of the second view is column c + shift of the first.
+    cols = np.arange(14, 112 - 14)
+    np.testing.assert_array_equal(pair[1][:, :, cols], image[:, :, cols + shift].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(pair[0], image.astype(np.float32) / 255.0)
+    # Through the labelled cameras the first view's principal point lands `shift` columns to its left in the
+    # second view, as the image content moved: the label is the yaw that makes this shift.
+    fx, cx, cy = intrinsics[0, 0, 0], intrinsics[0, 0, 2], intrinsics[0, 1, 2]
+    point = np.array([0.0, 0.0, 1.0])  # the principal ray of view 1 (identity extrinsics) at depth 1
+    cam = extrinsics[1, :, :3] @ point + extrinsics[1, :, 3]
+    assert np.isclose(fx * cam[0] / cam[2] + cx, cx - shift, atol=1e-9)
+    assert np.isclose(intrinsics[1, 1, 1] * cam[1] / cam[2] + cy, cy, atol=1e-9)
+    np.testing.assert_allclose(extrinsics[0], np.eye(3, 4))
+
+
+def test_pairs_of_whole_patches_only_use_multiples_of_the_unit(tmp_path):
+    calls = []
+    original = probe_shift.shifted_pair
+
+    def spy(image, shift, max_shift):
+        calls.append(shift)
+        return original(image, shift, max_shift)
+
+    probe_shift.shifted_pair = spy
+    try:
+        class Cache:
+            def get(self, seed):
+                return (np.zeros((10, 3, 84, 112), np.uint8),)
+
+        images, pose = probe_shift.make_pairs(Cache(), np.random.default_rng(0), range(3), 40, 28, 14)
+    finally:
+        probe_shift.shifted_pair = original
+    assert set(calls) <= {-28, -14, 0, 14, 28} and len(set(calls)) >= 4
+    assert images.shape == (40, 2, 3, 84, 112) and pose.shape == (40, 2, 9)
+    # Frame 1's quaternion y is -sin(yaw / 2) of its camera-from-world rotation: the opposite sign of its shift,
+    # zero for no shift; frame 0 is the identity.
+    yaw = pose[:, 1, probe_shift.YAW].numpy()
+    np.testing.assert_array_equal(np.sign(yaw), -np.sign(np.array(calls)))
+    np.testing.assert_allclose(yaw, -np.sin(np.arctan(np.array(calls) / probe_shift.FOCAL) / 2), atol=1e-6)
+    torch.testing.assert_close(pose[:, 0, 3:7], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(40, 4))
+
+
+def test_a_short_probe_reports_its_read_out(tmp_path, capsys):
+    small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
+    probe_shift.main(["--config", small, "--steps", "2", "--batch", "2", "--eval-every", "1",
+                      "--cache-dir", str(tmp_path / "cache")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(lines) == 2 and "rotation L1 / identity's" in lines[-1] and "yaw sign accuracy" in lines[-1]
+
+
+def test_a_missing_checkpoint_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        probe_shift.main(["--init", "/nonexistent/model.safetensors", "--steps", "1"])
+    assert str(exc.value).startswith("error: ")
