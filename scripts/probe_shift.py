@@ -9,7 +9,9 @@ of held-out scenes, the quaternion L1 error relative to the identity predictor's
 predicted yaw (a constant predictor scores the share of one sign, about 0.5). `--shift-unit 14` shifts by
 whole patches only, so each token of the shifted view equals one of the first view's (bar the border).
 
-    python scripts/probe_shift.py --init vggt-tiny --steps 600 --cache-dir runs/cache
+    python scripts/probe_shift.py --init vggt-tiny --steps 600 --cache-dir runs/cache [--out probed.safetensors]
+
+`--out` keeps the probed model, so that a curriculum can start from it (`train_tiny.py --init`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from scipy.spatial.transform import Rotation
 
 from qvggt_export.errors import QVGGTError
 from qvggt_export.geometry import extri_intri_to_pose_encoding
-from qvggt_export.model import VGGT, load_model
+from qvggt_export.model import VGGT, load_model, save_vggt
 from qvggt_export.model.presets import tiny_config
 
 _spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).with_name("train_tiny.py"))
@@ -80,6 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="", help="scene cache of scripts/train_tiny.py (rendered when missing)")
+    p.add_argument("--out", default="", help="write the probed model here (safetensors), e.g. to start a run from it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -115,6 +118,8 @@ def main(argv=None) -> None:
             sign = float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean())
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s rotation L1 / identity's {ratio:.3f} "
                   f"yaw sign accuracy {sign:.2f}", flush=True)
+    if args.out:
+        save_vggt(model.eval(), args.out)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,14 @@ def test_pairs_of_whole_patches_only_use_multiples_of_the_unit(tmp_path):
 
 def test_a_short_probe_reports_its_read_out(tmp_path, capsys):
     small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
+    out = tmp_path / "probed.safetensors"
     probe_shift.main(["--config", small, "--steps", "2", "--batch", "2", "--eval-every", "1",
-                      "--cache-dir", str(tmp_path / "cache")])
+                      "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(lines) == 2 and "rotation L1 / identity's" in lines[-1] and "yaw sign accuracy" in lines[-1]
+    # The probed model is a checkpoint a training run can start from (--init): it loads with its config.
+    probed = probe_shift.load_model(str(out))
+    assert probed.config.depth == 2 and probed.config.camera_trunk_depth == 1
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(capsys):
