@@ -68,6 +68,17 @@ def camera_forward(model: VGGT, images: torch.Tensor):
     return model.camera_head(model.aggregator(images)[model.config.depth - 1])
 
 
+@torch.no_grad()
+def read_out(model: VGGT, images: torch.Tensor, pose: torch.Tensor, identity_l1: float) -> tuple[float, float]:
+    """(quaternion L1 of the second views / the identity predictor's, sign accuracy of the predicted yaw)."""
+    model.eval()
+    pred = camera_forward(model, images)[-1][:, 1]
+    model.train()
+    gt = pose[:, 1]
+    return (float((pred[:, 3:7] - gt[:, 3:7]).abs().mean()) / identity_l1,
+            float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean()))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="", help="checkpoint to start from ('vggt-tiny': the embedded model; '': random)")
@@ -84,6 +95,9 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default="", help="scene cache of scripts/train_tiny.py (rendered when missing)")
     p.add_argument("--out", default="", help="write the probed model here (safetensors), e.g. to start a run from it")
     args = p.parse_args(argv)
+    if not 1 <= args.shift_unit <= args.max_shift < IMAGE_SIZE[1]:
+        raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
+                         f"{args.shift_unit} and {args.max_shift}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
@@ -95,6 +109,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {exc}") from None
     cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, "arc")
     held_out = make_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.max_shift, args.shift_unit)
+    identity_l1 = float((held_out[1][:, 1, 3:7] - held_out[1][:, 0, 3:7]).abs().mean())  # frame 0 is the identity
     params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
@@ -109,13 +124,7 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            model.eval()
-            with torch.no_grad():
-                pred = camera_forward(model, held_out[0])[-1][:, 1]
-            model.train()
-            gt = held_out[1][:, 1]
-            ratio = float((pred[:, 3:7] - gt[:, 3:7]).abs().mean() / (gt[:, 3:7] - held_out[1][:, 0, 3:7]).abs().mean())
-            sign = float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean())
+            ratio, sign = read_out(model, *held_out, identity_l1)
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s rotation L1 / identity's {ratio:.3f} "
                   f"yaw sign accuracy {sign:.2f}", flush=True)
     if args.out:

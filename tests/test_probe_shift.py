@@ -33,7 +33,7 @@ def test_shifted_view_and_its_yaw_label_agree(shift):
     np.testing.assert_allclose(extrinsics[0], np.eye(3, 4))
 
 
-def test_pairs_of_whole_patches_only_use_multiples_of_the_unit(tmp_path):
+def test_pairs_of_whole_patches_only_use_multiples_of_the_unit(monkeypatch):
     calls = []
     original = probe_shift.shifted_pair
 
@@ -41,15 +41,12 @@ def test_pairs_of_whole_patches_only_use_multiples_of_the_unit(tmp_path):
         calls.append(shift)
         return original(image, shift, max_shift)
 
-    probe_shift.shifted_pair = spy
-    try:
-        class Cache:
-            def get(self, seed):
-                return (np.zeros((10, 3, 84, 112), np.uint8),)
+    class Cache:
+        def get(self, seed):
+            return (np.zeros((10, 3, 84, 112), np.uint8),)
 
-        images, pose = probe_shift.make_pairs(Cache(), np.random.default_rng(0), range(3), 40, 28, 14)
-    finally:
-        probe_shift.shifted_pair = original
+    monkeypatch.setattr(probe_shift, "shifted_pair", spy)
+    images, pose = probe_shift.make_pairs(Cache(), np.random.default_rng(0), range(3), 40, 28, 14)
     assert set(calls) <= {-28, -14, 0, 14, 28} and len(set(calls)) >= 4
     assert images.shape == (40, 2, 3, 84, 112) and pose.shape == (40, 2, 9)
     # Frame 1's quaternion y is -sin(yaw / 2) of its camera-from-world rotation: the opposite sign of its shift,
@@ -72,7 +69,9 @@ def test_a_short_probe_reports_its_read_out(tmp_path, capsys):
     assert probed.config.depth == 2 and probed.config.camera_trunk_depth == 1
 
 
-def test_a_missing_checkpoint_is_a_one_line_error(capsys):
+@pytest.mark.parametrize("argv", [["--init", "/nonexistent/model.safetensors"], ["--shift-unit", "0"],
+                                  ["--max-shift", "7", "--shift-unit", "14"], ["--max-shift", "112"]])
+def test_bad_input_is_a_one_line_error(argv):
     with pytest.raises(SystemExit) as exc:
-        probe_shift.main(["--init", "/nonexistent/model.safetensors", "--steps", "1"])
-    assert str(exc.value).startswith("error: ")
+        probe_shift.main([*argv, "--steps", "1"])
+    assert str(exc.value).startswith("error: ") and "\n" not in str(exc.value)
