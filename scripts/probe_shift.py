@@ -7,7 +7,8 @@ across views and reading off where the match lies), so a recipe that cannot lear
 will not learn pose on the real split at the same budget. Every --eval-every steps it prints, on 64 fixed pairs
 of held-out scenes, the quaternion L1 error relative to the identity predictor's and the sign accuracy of the
 predicted yaw (a constant predictor scores the share of one sign, about 0.5). `--shift-unit 14` shifts by
-whole patches only, so each token of the shifted view equals one of the first view's (bar the border).
+whole patches only, so each token of the shifted view equals one of the first view's (bar the border);
+`--shift-unit 14,1` alternates whole-patch and sub-patch batches and reads each out on its own pairs.
 
     python scripts/probe_shift.py --init vggt-tiny --steps 600 --cache-dir runs/cache [--out probed.safetensors]
 
@@ -79,6 +80,13 @@ def read_out(model: VGGT, images: torch.Tensor, pose: torch.Tensor, identity_l1:
             float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean()))
 
 
+def _units(text: str) -> list[int]:
+    try:
+        return [int(unit) for unit in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default="", help="checkpoint to start from ('vggt-tiny': the embedded model; '': random)")
@@ -87,17 +95,18 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-shift", type=int, default=14, help="largest shift in pixels (14: one patch)")
-    p.add_argument("--shift-unit", type=int, default=1,
-                   help="shifts are multiples of this (14: whole patches, so tokens match exactly)")
+    p.add_argument("--shift-unit", type=_units, default=[1],
+                   help="shifts are multiples of this (14: whole patches, so tokens match exactly); a comma list "
+                        "alternates units batch by batch")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="", help="scene cache of scripts/train_tiny.py (rendered when missing)")
     p.add_argument("--out", default="", help="write the probed model here (safetensors), e.g. to start a run from it")
     args = p.parse_args(argv)
-    if not 1 <= args.shift_unit <= args.max_shift < IMAGE_SIZE[1]:
+    if not all(1 <= unit <= args.max_shift < IMAGE_SIZE[1] for unit in args.shift_unit):
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
-                         f"{args.shift_unit} and {args.max_shift}")
+                         f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
@@ -108,8 +117,10 @@ def main(argv=None) -> None:
     except (QVGGTError, OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, "arc")
-    held_out = make_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.max_shift, args.shift_unit)
-    identity_l1 = float((held_out[1][:, 1, 3:7] - held_out[1][:, 0, 3:7]).abs().mean())  # frame 0 is the identity
+    held_out = {}  # unit -> (images, pose, the identity predictor's L1: frame 0 is the identity)
+    for unit in args.shift_unit:
+        images, pose = make_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.max_shift, unit)
+        held_out[unit] = images, pose, float((pose[:, 1, 3:7] - pose[:, 0, 3:7]).abs().mean())
     params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
@@ -117,16 +128,19 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = train_tiny.lr_at(schedule, step)
-        images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, args.shift_unit)
+        unit = args.shift_unit[step % len(args.shift_unit)]
+        images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, unit)
         loss, _ = train_tiny.camera_loss(camera_forward(model, images), pose)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            ratio, sign = read_out(model, *held_out, identity_l1)
-            print(f"step {step + 1:5d} {time.time() - start:6.0f}s rotation L1 / identity's {ratio:.3f} "
-                  f"yaw sign accuracy {sign:.2f}", flush=True)
+            reports = []
+            for unit, pairs in held_out.items():
+                ratio, sign = read_out(model, *pairs)
+                reports.append(f"unit {unit}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
+            print(f"step {step + 1:5d} {time.time() - start:6.0f}s " + "; ".join(reports), flush=True)
     if args.out:
         save_vggt(model.eval(), args.out)
 

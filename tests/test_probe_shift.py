@@ -69,8 +69,27 @@ def test_a_short_probe_reports_its_read_out(tmp_path, capsys):
     assert probed.config.depth == 2 and probed.config.camera_trunk_depth == 1
 
 
+def test_a_list_of_units_alternates_batches_and_reads_each_out(tmp_path, capsys, monkeypatch):
+    units = []
+    original = probe_shift.make_pairs
+
+    def spy(cache, rng, seeds, n, max_shift, unit=1):
+        units.append((n, unit))
+        return original(cache, rng, seeds, n, max_shift, unit)
+
+    monkeypatch.setattr(probe_shift, "make_pairs", spy)
+    small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
+    probe_shift.main(["--config", small, "--steps", "3", "--batch", "2", "--eval-every", "3", "--max-shift", "14",
+                      "--shift-unit", "14,1", "--cache-dir", str(tmp_path / "cache")])
+    # One held-out set per unit (64 pairs each), then training batches alternating 14, 1, 14.
+    assert units == [(64, 14), (64, 1), (2, 14), (2, 1), (2, 14)]
+    line, = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert "unit 14: rotation L1 / identity's" in line and "; unit 1: rotation L1 / identity's" in line
+
+
 @pytest.mark.parametrize("argv", [["--init", "/nonexistent/model.safetensors"], ["--shift-unit", "0"],
-                                  ["--max-shift", "7", "--shift-unit", "14"], ["--max-shift", "112"]])
+                                  ["--max-shift", "7", "--shift-unit", "14"], ["--max-shift", "112"],
+                                  ["--max-shift", "14", "--shift-unit", "14,28"]])
 def test_bad_input_is_a_one_line_error(argv):
     with pytest.raises(SystemExit) as exc:
         probe_shift.main([*argv, "--steps", "1"])
