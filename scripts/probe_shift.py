@@ -12,7 +12,9 @@ whole patches only, so each token of the shifted view equals one of the first vi
 
     python scripts/probe_shift.py --init vggt-tiny --steps 600 --cache-dir runs/cache [--out probed.safetensors]
 
-`--out` keeps the probed model, so that a curriculum can start from it (`train_tiny.py --init`).
+`--out` keeps the probed model, so that a curriculum can start from it (`train_tiny.py --init`). `--clip-kinds
+pan,orbit,forward` ends with the transfer read-out: on the training script's held-out DEV_SEEDS clips of each kind,
+the relative rotation error of pairs (k, k + gap) in both orders / the identity predictor's, by frame gap.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _spec.loader.exec_module(train_tiny)
 IMAGE_SIZE = (84, 112)
 FOCAL = IMAGE_SIZE[1] / 2 / np.tan(np.deg2rad(65) / 2)  # the middle of the renderer's field-of-view range
 TRAIN_SCENES, HELD_OUT_SCENES = range(0, 300), range(300, 310)
+CLIP_GAPS = (1, 2, 4, 9)  # frame gaps of the clip read-out (clips have train_tiny.SCENE_VIEWS = 10 frames)
 YAW = 4  # pose-encoding index of the quaternion's y component (x, y, z, w after the translation)
 
 
@@ -80,6 +83,27 @@ def read_out(model: VGGT, images: torch.Tensor, pose: torch.Tensor, identity_l1:
             float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean()))
 
 
+@torch.no_grad()
+def clip_read_out(model: VGGT, cache, seeds, gaps=CLIP_GAPS) -> dict[int, tuple[float, float]]:
+    """gap -> (mean relative rotation error in deg, the identity predictor's) over the pairs (k, k + gap) and
+    (k + gap, k) of each clip in `cache` (frames in time order)."""
+    model.eval()
+    errors = {gap: ([], []) for gap in gaps}
+    for seed in seeds:
+        scene = cache.get(seed)
+        for gap in gaps:
+            pairs = [(k, k + gap) for k in range(train_tiny.SCENE_VIEWS - gap)]
+            samples = [train_tiny.make_sample(scene, np.array(pair)) for pair in pairs + [p[::-1] for p in pairs]]
+            pose = camera_forward(model, torch.from_numpy(np.stack([sample[0] for sample in samples])))[-1]
+            for encoding, sample in zip(pose.double(), samples):
+                extrinsics = train_tiny.pose_encoding_to_extri_intri(encoding, IMAGE_SIZE)[0].numpy()
+                errors[gap][0].append(train_tiny._rel_errors(extrinsics, sample[4])[0])
+                errors[gap][1].append(train_tiny._rel_errors(np.tile(np.eye(3, 4), (2, 1, 1)), sample[4])[0])
+    model.train()
+    return {gap: (float(np.concatenate(ours).mean()), float(np.concatenate(identity).mean()))
+            for gap, (ours, identity) in errors.items()}
+
+
 def _units(text: str) -> list[int]:
     try:
         return [int(unit) for unit in text.split(",")]
@@ -103,10 +127,17 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="", help="scene cache of scripts/train_tiny.py (rendered when missing)")
     p.add_argument("--out", default="", help="write the probed model here (safetensors), e.g. to start a run from it")
+    p.add_argument("--clip-kinds", default="", help="comma list of clip kinds (pan, orbit, forward, video) for the "
+                                                   "transfer read-out at the end")
+    p.add_argument("--clip-scenes", type=int, default=8, help="DEV_SEEDS scenes per clip kind of that read-out")
     args = p.parse_args(argv)
     if not all(1 <= unit <= args.max_shift < IMAGE_SIZE[1] for unit in args.shift_unit):
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
                          f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
+    kinds = [kind for kind in args.clip_kinds.split(",") if kind]
+    if not set(kinds) <= set(train_tiny.TRAJECTORIES) - {"arc"} or not 1 <= args.clip_scenes <= len(train_tiny.DEV_SEEDS):
+        raise SystemExit(f"error: --clip-kinds takes {', '.join(train_tiny.TRAJECTORIES[1:])} and --clip-scenes "
+                         f"1..{len(train_tiny.DEV_SEEDS)}, got {args.clip_kinds!r} and {args.clip_scenes}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
@@ -143,6 +174,12 @@ def main(argv=None) -> None:
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s " + "; ".join(reports), flush=True)
     if args.out:
         save_vggt(model.eval(), args.out)
+    for kind in kinds:
+        by_gap = clip_read_out(model, train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, kind),
+                               train_tiny.DEV_SEEDS[:args.clip_scenes])
+        print(f"{kind} clips, rotation error / identity's by frame gap: " + ", ".join(
+            f"{gap}: {ours:.2f} / {identity:.2f} deg = {ours / identity:.3f}" for gap, (ours, identity) in by_gap.items()),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -87,9 +87,44 @@ def test_a_list_of_units_alternates_batches_and_reads_each_out(tmp_path, capsys,
     assert "unit 14: rotation L1 / identity's" in line and "; unit 1: rotation L1 / identity's" in line
 
 
+def test_clip_read_out_pairs_frames_by_gap_in_both_orders(monkeypatch):
+    from scipy.spatial.transform import Rotation
+
+    # A clip turning 3 deg per frame about y (and stepping sideways): the pair (k, k + gap) is 3 * gap deg apart.
+    views = probe_shift.train_tiny.SCENE_VIEWS
+    extrinsics = np.zeros((views, 3, 4))
+    extrinsics[:, :, :3] = Rotation.from_euler("y", 3.0 * np.arange(views)[:, None], degrees=True).as_matrix()
+    extrinsics[:, 0, 3] = 0.1 * np.arange(views)
+    intrinsics = np.tile(np.array([[probe_shift.FOCAL, 0, 56], [0, probe_shift.FOCAL, 42], [0, 0, 1.0]]), (views, 1, 1))
+    scene = (np.zeros((views, 3, 84, 112), np.uint8), np.ones((views, 84, 112), np.float32), extrinsics, intrinsics,
+             np.ones((views, 84, 112), bool))
+
+    class Cache:
+        def get(self, seed):
+            return scene
+
+    # A camera head that always answers the identity: its errors are the identity predictor's, gap by gap.
+    seen = []
+
+    def identity_head(model, images):
+        seen.append(images.shape[0])
+        pose = torch.zeros(images.shape[0], 2, 9)
+        pose[..., 6] = 1.0
+        pose[..., 7:] = 1.0
+        return [pose]
+
+    monkeypatch.setattr(probe_shift, "camera_forward", identity_head)
+    by_gap = probe_shift.clip_read_out(torch.nn.Linear(1, 1), Cache(), [0, 1])
+    assert list(by_gap) == list(probe_shift.CLIP_GAPS)
+    for gap, (ours, identity) in by_gap.items():
+        assert ours == pytest.approx(3.0 * gap, abs=1e-6) and identity == pytest.approx(3.0 * gap, abs=1e-6)
+    assert seen == [2 * (views - gap) for _ in range(2) for gap in probe_shift.CLIP_GAPS]
+
+
 @pytest.mark.parametrize("argv", [["--init", "/nonexistent/model.safetensors"], ["--shift-unit", "0"],
                                   ["--max-shift", "7", "--shift-unit", "14"], ["--max-shift", "112"],
-                                  ["--max-shift", "14", "--shift-unit", "14,28"]])
+                                  ["--max-shift", "14", "--shift-unit", "14,28"], ["--clip-kinds", "pan,arc"],
+                                  ["--clip-kinds", "pan", "--clip-scenes", "17"]])
 def test_bad_input_is_a_one_line_error(argv):
     with pytest.raises(SystemExit) as exc:
         probe_shift.main([*argv, "--steps", "1"])
