@@ -15,6 +15,7 @@ whole patches only, so each token of the shifted view equals one of the first vi
 `--out` keeps the probed model, so that a curriculum can start from it (`train_tiny.py --init`). `--clip-kinds
 pan,orbit,forward` ends with the transfer read-out: on the training script's held-out DEV_SEEDS clips of each kind,
 the relative rotation error of pairs (k, k + gap) in both orders / the identity predictor's, by frame gap.
+`--clip-train video --clip-gap 2` adds batches of real clip pairs (frames at most 2 apart) to the turns.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ _spec.loader.exec_module(train_tiny)
 IMAGE_SIZE = (84, 112)
 FOCAL = IMAGE_SIZE[1] / 2 / np.tan(np.deg2rad(65) / 2)  # the middle of the renderer's field-of-view range
 TRAIN_SCENES, HELD_OUT_SCENES = range(0, 300), range(300, 310)
+CLIP_TRAIN_SCENES = range(0, 600)  # --clip-train scenes (training seeds, disjoint from DEV_SEEDS)
 CLIP_GAPS = (1, 2, 4, 9)  # frame gaps of the clip read-out (clips have train_tiny.SCENE_VIEWS = 10 frames)
 YAW = 4  # pose-encoding index of the quaternion's y component (x, y, z, w after the translation)
 
@@ -66,6 +68,20 @@ def make_pairs(cache, rng: np.random.Generator, seeds, n: int, max_shift: int, u
     pose = extri_intri_to_pose_encoding(torch.from_numpy(np.stack(extrinsics)), torch.from_numpy(np.stack(intrinsics)),
                                         IMAGE_SIZE)
     return torch.from_numpy(np.stack(pairs)), pose.float()
+
+
+def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int):
+    """n pairs of frames (k, k + g) of random clips, g in 1..max_gap, in either order, photometric jitter."""
+    samples = []
+    for _ in range(n):
+        scene = cache.get(seeds[int(rng.integers(len(seeds)))])
+        gap = int(rng.integers(1, max_gap + 1))
+        k = int(rng.integers(0, train_tiny.SCENE_VIEWS - gap))
+        samples.append(train_tiny.make_sample(scene, np.array([k, k + gap] if rng.random() < 0.5 else [k + gap, k]),
+                                              rng))
+    images, extrinsics, intrinsics = (np.stack([sample[i] for sample in samples]) for i in (0, 4, 5))
+    pose = extri_intri_to_pose_encoding(torch.from_numpy(extrinsics), torch.from_numpy(intrinsics), IMAGE_SIZE)
+    return torch.from_numpy(images), pose.float()
 
 
 def camera_forward(model: VGGT, images: torch.Tensor):
@@ -127,6 +143,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="", help="scene cache of scripts/train_tiny.py (rendered when missing)")
     p.add_argument("--out", default="", help="write the probed model here (safetensors), e.g. to start a run from it")
+    p.add_argument("--clip-train", default="", help="also train on pairs of clips of this kind (pan, orbit, forward, "
+                                                    "video): its batches take turns with the shift batches")
+    p.add_argument("--clip-gap", type=int, default=2, help="largest frame gap of the --clip-train pairs")
     p.add_argument("--clip-kinds", default="", help="comma list of clip kinds (pan, orbit, forward, video) for the "
                                                    "transfer read-out at the end")
     p.add_argument("--clip-scenes", type=int, default=8, help="DEV_SEEDS scenes per clip kind of that read-out")
@@ -135,9 +154,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
                          f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
     kinds = [kind for kind in args.clip_kinds.split(",") if kind]
-    if not set(kinds) <= set(train_tiny.TRAJECTORIES) - {"arc"} or not 1 <= args.clip_scenes <= len(train_tiny.DEV_SEEDS):
+    clip_kinds = set(train_tiny.TRAJECTORIES) - {"arc"}
+    if not set(kinds) <= clip_kinds or not 1 <= args.clip_scenes <= len(train_tiny.DEV_SEEDS):
         raise SystemExit(f"error: --clip-kinds takes {', '.join(train_tiny.TRAJECTORIES[1:])} and --clip-scenes "
                          f"1..{len(train_tiny.DEV_SEEDS)}, got {args.clip_kinds!r} and {args.clip_scenes}")
+    if args.clip_train and (args.clip_train not in clip_kinds or not 1 <= args.clip_gap < train_tiny.SCENE_VIEWS):
+        raise SystemExit(f"error: --clip-train takes {', '.join(train_tiny.TRAJECTORIES[1:])} and --clip-gap "
+                         f"1..{train_tiny.SCENE_VIEWS - 1}, got {args.clip_train!r} and {args.clip_gap}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     try:
@@ -155,12 +178,17 @@ def main(argv=None) -> None:
     params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
+    batch_kinds = [*args.shift_unit, *(["clip"] if args.clip_train else [])]  # taken in turn, one a step
+    clip_cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, args.clip_train) if args.clip_train else None
     rng, start = np.random.default_rng(args.seed), time.time()
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = train_tiny.lr_at(schedule, step)
-        unit = args.shift_unit[step % len(args.shift_unit)]
-        images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, unit)
+        turn = step % len(batch_kinds)
+        if batch_kinds[turn] == "clip":
+            images, pose = clip_pairs(clip_cache, rng, CLIP_TRAIN_SCENES, args.batch, args.clip_gap)
+        else:
+            images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, batch_kinds[turn])
         loss, _ = train_tiny.camera_loss(camera_forward(model, images), pose)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -87,6 +87,43 @@ def test_a_list_of_units_alternates_batches_and_reads_each_out(tmp_path, capsys,
     assert "unit 14: rotation L1 / identity's" in line and "; unit 1: rotation L1 / identity's" in line
 
 
+def test_clip_pairs_are_frames_at_most_max_gap_apart_labelled_relative_to_the_first():
+    from scipy.spatial.transform import Rotation
+
+    views = probe_shift.train_tiny.SCENE_VIEWS
+    yaw = 3.0 * np.arange(views)  # frame k turned 3k deg about y
+    extrinsics = np.zeros((views, 3, 4))
+    extrinsics[:, :, :3] = Rotation.from_euler("y", yaw[:, None], degrees=True).as_matrix()
+    intrinsics = np.tile(np.array([[probe_shift.FOCAL, 0, 56], [0, probe_shift.FOCAL, 42], [0, 0, 1.0]]), (views, 1, 1))
+    images = np.broadcast_to(np.arange(views, dtype=np.uint8)[:, None, None, None] * 20, (views, 3, 84, 112))
+    scene = (images, np.ones((views, 84, 112), np.float32), extrinsics, intrinsics, np.ones((views, 84, 112), bool))
+
+    class Cache:
+        def get(self, seed):
+            return scene
+
+    images, pose = probe_shift.clip_pairs(Cache(), np.random.default_rng(0), [0], 200, 2)
+    assert images.shape == (200, 2, 3, 84, 112) and pose.shape == (200, 2, 9)
+    # The relative yaw of each pair is 3 deg times its signed frame gap, and the gaps cover -2..2 without 0.
+    relative = np.degrees(2 * np.arcsin(pose[:, 1, probe_shift.YAW].numpy().astype(np.float64)))
+    gaps = np.round(relative / 3.0)
+    np.testing.assert_allclose(np.abs(relative), 3.0 * np.abs(gaps), atol=1e-3)
+    assert set(gaps.astype(int).tolist()) == {-2, -1, 1, 2}
+    torch.testing.assert_close(pose[:, 0, 3:7], torch.tensor([0.0, 0.0, 0.0, 1.0]).expand(200, 4))
+
+
+def test_clip_train_batches_take_turns_with_the_shift_batches(tmp_path, capsys, monkeypatch):
+    calls = []
+    original_shift, original_clip = probe_shift.make_pairs, probe_shift.clip_pairs
+    monkeypatch.setattr(probe_shift, "make_pairs", lambda *a: calls.append("shift") or original_shift(*a))
+    monkeypatch.setattr(probe_shift, "clip_pairs", lambda *a: calls.append("clip") or original_clip(*a))
+    monkeypatch.setattr(probe_shift, "CLIP_TRAIN_SCENES", range(0, 2))
+    small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
+    probe_shift.main(["--config", small, "--steps", "4", "--batch", "2", "--eval-every", "4", "--max-shift", "14",
+                      "--shift-unit", "14", "--clip-train", "pan", "--cache-dir", str(tmp_path / "cache")])
+    assert calls == ["shift", "shift", "clip", "shift", "clip"]  # held-out pairs, then shift / clip in turn
+
+
 def test_clip_read_out_pairs_frames_by_gap_in_both_orders(monkeypatch):
     from scipy.spatial.transform import Rotation
 
@@ -124,7 +161,8 @@ def test_clip_read_out_pairs_frames_by_gap_in_both_orders(monkeypatch):
 @pytest.mark.parametrize("argv", [["--init", "/nonexistent/model.safetensors"], ["--shift-unit", "0"],
                                   ["--max-shift", "7", "--shift-unit", "14"], ["--max-shift", "112"],
                                   ["--max-shift", "14", "--shift-unit", "14,28"], ["--clip-kinds", "pan,arc"],
-                                  ["--clip-kinds", "pan", "--clip-scenes", "17"]])
+                                  ["--clip-kinds", "pan", "--clip-scenes", "17"], ["--clip-train", "arc"],
+                                  ["--clip-train", "pan", "--clip-gap", "10"]])
 def test_bad_input_is_a_one_line_error(argv):
     with pytest.raises(SystemExit) as exc:
         probe_shift.main([*argv, "--steps", "1"])
