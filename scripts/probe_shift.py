@@ -32,7 +32,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from qvggt_export.errors import QVGGTError
-from qvggt_export.geometry import extri_intri_to_pose_encoding
+from qvggt_export.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
 from qvggt_export.model import VGGT, load_model, save_vggt
 from qvggt_export.model.presets import tiny_config
 
@@ -44,6 +44,7 @@ IMAGE_SIZE = (84, 112)
 FOCAL = IMAGE_SIZE[1] / 2 / np.tan(np.deg2rad(65) / 2)  # the middle of the renderer's field-of-view range
 TRAIN_SCENES, HELD_OUT_SCENES = range(0, 300), range(300, 310)
 CLIP_TRAIN_SCENES = range(0, 600)  # --clip-train scenes (training seeds, disjoint from DEV_SEEDS)
+CLIP_KINDS = tuple(kind for kind in train_tiny.TRAJECTORIES if kind != "arc")  # video-like clips, time order
 CLIP_GAPS = (1, 2, 4, 9)  # frame gaps of the clip read-out (clips have train_tiny.SCENE_VIEWS = 10 frames)
 YAW = 4  # pose-encoding index of the quaternion's y component (x, y, z, w after the translation)
 
@@ -112,7 +113,7 @@ def clip_read_out(model: VGGT, cache, seeds, gaps=CLIP_GAPS) -> dict[int, tuple[
             samples = [train_tiny.make_sample(scene, np.array(pair)) for pair in pairs + [p[::-1] for p in pairs]]
             pose = camera_forward(model, torch.from_numpy(np.stack([sample[0] for sample in samples])))[-1]
             for encoding, sample in zip(pose.double(), samples):
-                extrinsics = train_tiny.pose_encoding_to_extri_intri(encoding, IMAGE_SIZE)[0].numpy()
+                extrinsics = pose_encoding_to_extri_intri(encoding, IMAGE_SIZE)[0].numpy()
                 errors[gap][0].append(train_tiny._rel_errors(extrinsics, sample[4])[0])
                 errors[gap][1].append(train_tiny._rel_errors(np.tile(np.eye(3, 4), (2, 1, 1)), sample[4])[0])
     model.train()
@@ -153,13 +154,12 @@ def main(argv=None) -> None:
     if not all(1 <= unit <= args.max_shift < IMAGE_SIZE[1] for unit in args.shift_unit):
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
                          f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
-    kinds = [kind for kind in args.clip_kinds.split(",") if kind]
-    clip_kinds = set(train_tiny.TRAJECTORIES) - {"arc"}
-    if not set(kinds) <= clip_kinds or not 1 <= args.clip_scenes <= len(train_tiny.DEV_SEEDS):
-        raise SystemExit(f"error: --clip-kinds takes {', '.join(train_tiny.TRAJECTORIES[1:])} and --clip-scenes "
+    read_out_kinds = [kind for kind in args.clip_kinds.split(",") if kind]
+    if not set(read_out_kinds) <= set(CLIP_KINDS) or not 1 <= args.clip_scenes <= len(train_tiny.DEV_SEEDS):
+        raise SystemExit(f"error: --clip-kinds takes {', '.join(CLIP_KINDS)} and --clip-scenes "
                          f"1..{len(train_tiny.DEV_SEEDS)}, got {args.clip_kinds!r} and {args.clip_scenes}")
-    if args.clip_train and (args.clip_train not in clip_kinds or not 1 <= args.clip_gap < train_tiny.SCENE_VIEWS):
-        raise SystemExit(f"error: --clip-train takes {', '.join(train_tiny.TRAJECTORIES[1:])} and --clip-gap "
+    if args.clip_train and (args.clip_train not in CLIP_KINDS or not 1 <= args.clip_gap < train_tiny.SCENE_VIEWS):
+        raise SystemExit(f"error: --clip-train takes {', '.join(CLIP_KINDS)} and --clip-gap "
                          f"1..{train_tiny.SCENE_VIEWS - 1}, got {args.clip_train!r} and {args.clip_gap}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -202,7 +202,7 @@ def main(argv=None) -> None:
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s " + "; ".join(reports), flush=True)
     if args.out:
         save_vggt(model.eval(), args.out)
-    for kind in kinds:
+    for kind in read_out_kinds:
         by_gap = clip_read_out(model, train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, kind),
                                train_tiny.DEV_SEEDS[:args.clip_scenes])
         print(f"{kind} clips, rotation error / identity's by frame gap: " + ", ".join(
