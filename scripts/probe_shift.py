@@ -106,6 +106,7 @@ def clip_read_out(model: VGGT, cache, seeds, gaps=CLIP_GAPS) -> dict[int, tuple[
     (k + gap, k) of each clip in `cache` (frames in time order)."""
     model.eval()
     errors = {gap: ([], []) for gap in gaps}
+    identity_pair = np.tile(np.eye(3, 4), (2, 1, 1))
     for seed in seeds:
         scene = cache.get(seed)
         for gap in gaps:
@@ -115,7 +116,7 @@ def clip_read_out(model: VGGT, cache, seeds, gaps=CLIP_GAPS) -> dict[int, tuple[
             for encoding, sample in zip(pose.double(), samples):
                 extrinsics = pose_encoding_to_extri_intri(encoding, IMAGE_SIZE)[0].numpy()
                 errors[gap][0].append(train_tiny._rel_errors(extrinsics, sample[4])[0])
-                errors[gap][1].append(train_tiny._rel_errors(np.tile(np.eye(3, 4), (2, 1, 1)), sample[4])[0])
+                errors[gap][1].append(train_tiny._rel_errors(identity_pair, sample[4])[0])
     model.train()
     return {gap: (float(np.concatenate(ours).mean()), float(np.concatenate(identity).mean()))
             for gap, (ours, identity) in errors.items()}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "probe_shift.py"
 spec = importlib.util.spec_from_file_location("probe_shift", SCRIPT)
@@ -87,22 +88,26 @@ def test_a_list_of_units_alternates_batches_and_reads_each_out(tmp_path, capsys,
     assert "unit 14: rotation L1 / identity's" in line and "; unit 1: rotation L1 / identity's" in line
 
 
+class TurningClip:
+    """A scene cache whose every clip turns 3 deg per frame about y while stepping sideways: the pair
+    (k, k + gap) is 3 * gap deg apart."""
+
+    def __init__(self):
+        views = probe_shift.train_tiny.SCENE_VIEWS
+        extrinsics = np.zeros((views, 3, 4))
+        extrinsics[:, :, :3] = Rotation.from_euler("y", 3.0 * np.arange(views)[:, None], degrees=True).as_matrix()
+        extrinsics[:, 0, 3] = 0.1 * np.arange(views)
+        intrinsics = np.tile(np.array([[probe_shift.FOCAL, 0, 56], [0, probe_shift.FOCAL, 42], [0, 0, 1.0]]),
+                             (views, 1, 1))
+        self.scene = (np.zeros((views, 3, 84, 112), np.uint8), np.ones((views, 84, 112), np.float32), extrinsics,
+                      intrinsics, np.ones((views, 84, 112), bool))
+
+    def get(self, seed):
+        return self.scene
+
+
 def test_clip_pairs_are_frames_at_most_max_gap_apart_labelled_relative_to_the_first():
-    from scipy.spatial.transform import Rotation
-
-    views = probe_shift.train_tiny.SCENE_VIEWS
-    yaw = 3.0 * np.arange(views)  # frame k turned 3k deg about y
-    extrinsics = np.zeros((views, 3, 4))
-    extrinsics[:, :, :3] = Rotation.from_euler("y", yaw[:, None], degrees=True).as_matrix()
-    intrinsics = np.tile(np.array([[probe_shift.FOCAL, 0, 56], [0, probe_shift.FOCAL, 42], [0, 0, 1.0]]), (views, 1, 1))
-    images = np.broadcast_to(np.arange(views, dtype=np.uint8)[:, None, None, None] * 20, (views, 3, 84, 112))
-    scene = (images, np.ones((views, 84, 112), np.float32), extrinsics, intrinsics, np.ones((views, 84, 112), bool))
-
-    class Cache:
-        def get(self, seed):
-            return scene
-
-    images, pose = probe_shift.clip_pairs(Cache(), np.random.default_rng(0), [0], 200, 2)
+    images, pose = probe_shift.clip_pairs(TurningClip(), np.random.default_rng(0), [0], 200, 2)
     assert images.shape == (200, 2, 3, 84, 112) and pose.shape == (200, 2, 9)
     # The relative yaw of each pair is 3 deg times its signed frame gap, and the gaps cover -2..2 without 0.
     relative = np.degrees(2 * np.arcsin(pose[:, 1, probe_shift.YAW].numpy().astype(np.float64)))
@@ -125,21 +130,7 @@ def test_clip_train_batches_take_turns_with_the_shift_batches(tmp_path, capsys, 
 
 
 def test_clip_read_out_pairs_frames_by_gap_in_both_orders(monkeypatch):
-    from scipy.spatial.transform import Rotation
-
-    # A clip turning 3 deg per frame about y (and stepping sideways): the pair (k, k + gap) is 3 * gap deg apart.
     views = probe_shift.train_tiny.SCENE_VIEWS
-    extrinsics = np.zeros((views, 3, 4))
-    extrinsics[:, :, :3] = Rotation.from_euler("y", 3.0 * np.arange(views)[:, None], degrees=True).as_matrix()
-    extrinsics[:, 0, 3] = 0.1 * np.arange(views)
-    intrinsics = np.tile(np.array([[probe_shift.FOCAL, 0, 56], [0, probe_shift.FOCAL, 42], [0, 0, 1.0]]), (views, 1, 1))
-    scene = (np.zeros((views, 3, 84, 112), np.uint8), np.ones((views, 84, 112), np.float32), extrinsics, intrinsics,
-             np.ones((views, 84, 112), bool))
-
-    class Cache:
-        def get(self, seed):
-            return scene
-
     # A camera head that always answers the identity: its errors are the identity predictor's, gap by gap.
     seen = []
 
@@ -151,7 +142,7 @@ def test_clip_read_out_pairs_frames_by_gap_in_both_orders(monkeypatch):
         return [pose]
 
     monkeypatch.setattr(probe_shift, "camera_forward", identity_head)
-    by_gap = probe_shift.clip_read_out(torch.nn.Linear(1, 1), Cache(), [0, 1])
+    by_gap = probe_shift.clip_read_out(torch.nn.Linear(1, 1), TurningClip(), [0, 1])
     assert list(by_gap) == list(probe_shift.CLIP_GAPS)
     for gap, (ours, identity) in by_gap.items():
         assert ours == pytest.approx(3.0 * gap, abs=1e-6) and identity == pytest.approx(3.0 * gap, abs=1e-6)
