@@ -16,6 +16,9 @@ whole patches only, so each token of the shifted view equals one of the first vi
 pan,orbit,forward` ends with the transfer read-out: on the training script's held-out DEV_SEEDS clips of each kind,
 the relative rotation error of pairs (k, k + gap) in both orders / the identity predictor's, by frame gap.
 `--clip-train video --clip-gap 2` adds batches of real clip pairs (frames at most 2 apart) to the turns.
+`--rotation-warp 28,6,6` adds exact pure-rotation pairs: a view and the view of the same camera turned about its
+centre by up to 28 / 6 / 6 deg of yaw / pitch / roll (a homography K R K^-1 of the rendered view, no parallax), so
+the turn is not yaw-only and small turns are common; `--shift-unit ''` leaves the shift batches out.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ TRAIN_SCENES, HELD_OUT_SCENES = range(0, 300), range(300, 310)
 CLIP_TRAIN_SCENES = range(0, 600)  # --clip-train scenes (training seeds, disjoint from DEV_SEEDS)
 CLIP_KINDS = tuple(kind for kind in train_tiny.TRAJECTORIES if kind != "arc")  # video-like clips, time order
 CLIP_GAPS = (1, 2, 4, 9)  # frame gaps of the clip read-out (clips have train_tiny.SCENE_VIEWS = 10 frames)
+# A turn of at most 40 deg keeps every ray of the turned camera in front of the first (the widest rendered view's
+# corner rays are 46 deg off its axis), so rotated_pair's homography never divides by z <= 0.
+MAX_WARP_DEGREES = 40.0
 YAW = 4  # pose-encoding index of the quaternion's y component (x, y, z, w after the translation)
 
 
@@ -60,15 +66,54 @@ def shifted_pair(image: np.ndarray, shift: int, max_shift: int):
     return pair, extrinsics, intrinsics
 
 
+def labelled_batch(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(pair [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3])] -> (images [B, 2, 3, H, W], pose encodings)."""
+    images, extrinsics, intrinsics = (np.stack(parts) for parts in zip(*pairs))
+    pose = extri_intri_to_pose_encoding(torch.from_numpy(extrinsics), torch.from_numpy(intrinsics), IMAGE_SIZE)
+    return torch.from_numpy(images), pose.float()
+
+
 def make_pairs(cache, rng: np.random.Generator, seeds, n: int, max_shift: int, unit: int = 1):
     """n shifted pairs of random views of `seeds`; shifts are multiples of `unit` px in [-max_shift, max_shift]."""
-    pairs, extrinsics, intrinsics = zip(*(
+    return labelled_batch([
         shifted_pair(cache.get(int(rng.choice(seeds)))[0][int(rng.integers(train_tiny.SCENE_VIEWS))],
                      unit * int(rng.integers(-(max_shift // unit), max_shift // unit + 1)), max_shift)
-        for _ in range(n)))
-    pose = extri_intri_to_pose_encoding(torch.from_numpy(np.stack(extrinsics)), torch.from_numpy(np.stack(intrinsics)),
-                                        IMAGE_SIZE)
-    return torch.from_numpy(np.stack(pairs)), pose.float()
+        for _ in range(n)])
+
+
+def rotated_pair(image: np.ndarray, intrinsics: np.ndarray, rotation: np.ndarray):
+    """[3, H, W] uint8, its camera's K [3, 3] and a rotation R [3, 3] -> the pair (view, the view a camera turned
+    by R about its centre sees), extrinsics [2, 3, 4] ([I | 0], [R | 0]), intrinsics [2, 3, 3]. With no parallax
+    the second view is exact: pixel x of it looks along the ray K^-1 x of the turned camera, which is the first
+    view's pixel K R^T K^-1 x, sampled bilinearly (reflected about the border where the turned camera sees past it)."""
+    height, width = image.shape[1:]
+    v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
+    rays = np.stack([u, v, np.ones_like(u)], -1) @ (intrinsics @ rotation.T @ np.linalg.inv(intrinsics)).T
+    source = rays[..., :2] / rays[..., 2:]  # z > 0: --rotation-warp keeps turns well below 90 deg minus the FOV
+    grid = torch.from_numpy(2 * source / np.array([width - 1, height - 1]) - 1)[None]  # float64: no turn = same view
+    first = torch.from_numpy(image.astype(np.float64) / 255.0)[None]
+    second = torch.nn.functional.grid_sample(first, grid, mode="bilinear", padding_mode="reflection",
+                                             align_corners=True)
+    extrinsics = np.tile(np.eye(3, 4), (2, 1, 1))
+    extrinsics[1, :, :3] = rotation
+    return np.concatenate([first, second]).astype(np.float32), extrinsics, np.stack([intrinsics, intrinsics])
+
+
+def draw_rotation(rng: np.random.Generator, max_degrees) -> np.ndarray:
+    """A turn about the camera's y, x, z axes (yaw, pitch, roll) of at most `max_degrees` each; one scale for all
+    three axes, uniform in [0, 1], so small and near-zero turns are as common as in short video gaps."""
+    angles = rng.uniform() * rng.uniform(-1, 1, 3) * np.asarray(max_degrees, dtype=np.float64)
+    return Rotation.from_euler("yxz", angles, degrees=True).as_matrix()
+
+
+def warp_pairs(cache, rng: np.random.Generator, seeds, n: int, max_degrees):
+    """n pure-rotation pairs (rotated_pair) of random views of `seeds`, turns drawn by draw_rotation."""
+    pairs = []
+    for _ in range(n):
+        scene = cache.get(int(rng.choice(seeds)))
+        view = int(rng.integers(train_tiny.SCENE_VIEWS))
+        pairs.append(rotated_pair(scene[0][view], scene[3][view], draw_rotation(rng, max_degrees)))
+    return labelled_batch(pairs)
 
 
 def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int):
@@ -80,9 +125,7 @@ def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int):
         k = int(rng.integers(0, train_tiny.SCENE_VIEWS - gap))
         samples.append(train_tiny.make_sample(scene, np.array([k, k + gap] if rng.random() < 0.5 else [k + gap, k]),
                                               rng))
-    images, extrinsics, intrinsics = (np.stack([sample[i] for sample in samples]) for i in (0, 4, 5))
-    pose = extri_intri_to_pose_encoding(torch.from_numpy(extrinsics), torch.from_numpy(intrinsics), IMAGE_SIZE)
-    return torch.from_numpy(images), pose.float()
+    return labelled_batch([(sample[0], sample[4], sample[5]) for sample in samples])
 
 
 def camera_forward(model: VGGT, images: torch.Tensor):
@@ -124,9 +167,21 @@ def clip_read_out(model: VGGT, cache, seeds, gaps=CLIP_GAPS) -> dict[int, tuple[
 
 def _units(text: str) -> list[int]:
     try:
-        return [int(unit) for unit in text.split(",")]
+        return [int(unit) for unit in text.split(",") if unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+
+
+def parse_warp_degrees(text: str) -> list[float]:
+    """--rotation-warp 'YAW,PITCH,ROLL' -> the three largest turns in degrees (a one-line error when malformed)."""
+    try:
+        degrees = [float(angle) for angle in text.split(",")]
+    except ValueError:
+        degrees = []
+    if len(degrees) != 3 or min(degrees) < 0 or sum(degrees) > MAX_WARP_DEGREES:
+        raise SystemExit(f"error: --rotation-warp takes YAW,PITCH,ROLL in degrees, >= 0, summing to at most "
+                         f"{MAX_WARP_DEGREES:g}, got {text!r}")
+    return degrees
 
 
 def main(argv=None) -> None:
@@ -139,7 +194,10 @@ def main(argv=None) -> None:
     p.add_argument("--max-shift", type=int, default=14, help="largest shift in pixels (14: one patch)")
     p.add_argument("--shift-unit", type=_units, default=[1],
                    help="shifts are multiples of this (14: whole patches, so tokens match exactly); a comma list "
-                        "alternates units batch by batch")
+                        "alternates units batch by batch; '' for no shift batches")
+    p.add_argument("--rotation-warp", default="", metavar="YAW,PITCH,ROLL",
+                   help="also train on exact pure-rotation pairs (a view and its homography K R K^-1) turned by at "
+                        "most these degrees about each axis; their batches take turns after the shift batches")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -152,6 +210,9 @@ def main(argv=None) -> None:
                                                    "transfer read-out at the end")
     p.add_argument("--clip-scenes", type=int, default=8, help="DEV_SEEDS scenes per clip kind of that read-out")
     args = p.parse_args(argv)
+    args.rotation_warp = parse_warp_degrees(args.rotation_warp) if args.rotation_warp else []
+    if not args.shift_unit and not args.rotation_warp and not args.clip_train:
+        raise SystemExit("error: nothing to train on: give --shift-unit, --rotation-warp or --clip-train")
     if not all(1 <= unit <= args.max_shift < IMAGE_SIZE[1] for unit in args.shift_unit):
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
                          f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
@@ -172,14 +233,19 @@ def main(argv=None) -> None:
     except (QVGGTError, OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, "arc")
-    held_out = {}  # unit -> (images, pose, the identity predictor's L1: frame 0 is the identity)
+    held_out = {}  # batch kind -> (images, pose, the identity predictor's L1: frame 0 is the identity)
     for unit in args.shift_unit:
-        images, pose = make_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.max_shift, unit)
-        held_out[unit] = images, pose, float((pose[:, 1, 3:7] - pose[:, 0, 3:7]).abs().mean())
+        held_out[f"unit {unit}"] = make_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.max_shift,
+                                              unit)
+    if args.rotation_warp:
+        held_out["warp"] = warp_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.rotation_warp)
+    held_out = {kind: (images, pose, float((pose[:, 1, 3:7] - pose[:, 0, 3:7]).abs().mean()))
+                for kind, (images, pose) in held_out.items()}
     params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
-    batch_kinds = [*args.shift_unit, *(["clip"] if args.clip_train else [])]  # taken in turn, one a step
+    # Taken in turn, one a step: shift units (int), then "warp", then "clip".
+    batch_kinds = [*args.shift_unit, *(["warp"] if args.rotation_warp else []), *(["clip"] if args.clip_train else [])]
     clip_cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, args.clip_train) if args.clip_train else None
     rng, start = np.random.default_rng(args.seed), time.time()
     for step in range(args.steps):
@@ -188,6 +254,8 @@ def main(argv=None) -> None:
         turn = step % len(batch_kinds)
         if batch_kinds[turn] == "clip":
             images, pose = clip_pairs(clip_cache, rng, CLIP_TRAIN_SCENES, args.batch, args.clip_gap)
+        elif batch_kinds[turn] == "warp":
+            images, pose = warp_pairs(cache, rng, TRAIN_SCENES, args.batch, args.rotation_warp)
         else:
             images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, batch_kinds[turn])
         loss, _ = train_tiny.camera_loss(camera_forward(model, images), pose)
@@ -197,9 +265,9 @@ def main(argv=None) -> None:
         opt.step()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             reports = []
-            for unit, pairs in held_out.items():
+            for kind, pairs in held_out.items():
                 ratio, sign = read_out(model, *pairs)
-                reports.append(f"unit {unit}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
+                reports.append(f"{kind}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s " + "; ".join(reports), flush=True)
     if args.out:
         save_vggt(model.eval(), args.out)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from qvggt_export.data import synthetic
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "probe_shift.py"
 spec = importlib.util.spec_from_file_location("probe_shift", SCRIPT)
 probe_shift = importlib.util.module_from_spec(spec)
@@ -88,6 +90,78 @@ def test_a_list_of_units_alternates_batches_and_reads_each_out(tmp_path, capsys,
     assert "unit 14: rotation L1 / identity's" in line and "; unit 1: rotation L1 / identity's" in line
 
 
+@pytest.mark.parametrize("degrees", [(10, 0, 0), (10, 5, 3), (-20, 8, -6)])
+def test_a_rotated_pair_is_what_the_turned_camera_renders(degrees):
+    # The renderer's own view from the same centre turned by R: the warp must match it up to resampling of the
+    # textures, and the opposite turn (R^T, a sign or transpose slip) must not.
+    size = (84, 112)
+    layout = synthetic._layout(3, 1, size, "arc")
+    extrinsic, intrinsic = layout.extrinsics[0], layout.intrinsics[0]
+    image = (synthetic._render_view(layout, extrinsic, intrinsic, size)[0] * 255).round().astype(np.uint8)
+    rotation = Rotation.from_euler("yxz", degrees, degrees=True).as_matrix()
+    turned = synthetic._render_view(layout, rotation @ extrinsic, intrinsic, size)[0]
+    pair, extrinsics, intrinsics = probe_shift.rotated_pair(image, intrinsic, rotation)
+    wrong, _, _ = probe_shift.rotated_pair(image, intrinsic, rotation.T)
+    # Compared where the turned camera sees inside the first view's frame (the rest is reflected padding).
+    centre = np.linalg.inv(intrinsic) @ np.array([[u, v, 1.0] for v in range(size[0]) for u in range(size[1])]).T
+    seen = intrinsic @ rotation.T @ centre
+    seen = seen[:2] / seen[2]
+    inside = ((seen[0] >= 1) & (seen[0] <= size[1] - 2) & (seen[1] >= 1) & (seen[1] <= size[0] - 2)).reshape(size)
+    error = np.median(np.abs(pair[1] - turned)[:, inside])
+    roughness = np.median(np.abs(np.diff(image.astype(np.float32) / 255.0, axis=-1)))  # one pixel's step
+    assert inside.mean() > 0.5
+    assert error < 0.7 * roughness and error < 0.35 * np.median(np.abs(wrong[1] - turned)[:, inside])
+    np.testing.assert_array_equal(pair[0], image.astype(np.float32) / 255.0)
+    np.testing.assert_allclose(extrinsics, np.stack([np.eye(3, 4), np.hstack([rotation, np.zeros((3, 1))])]))
+    np.testing.assert_array_equal(intrinsics, np.stack([intrinsic, intrinsic]))
+
+
+def test_no_turn_warps_to_the_same_view():
+    image = np.random.default_rng(0).integers(0, 256, (3, 84, 112), dtype=np.uint8)
+    intrinsic = np.array([[80.0, 0, 56], [0, 80.0, 42], [0, 0, 1]])
+    pair, _, _ = probe_shift.rotated_pair(image, intrinsic, np.eye(3))
+    np.testing.assert_allclose(pair[1], pair[0], rtol=1e-7, atol=1e-12)  # float64 resampling, then float32
+
+
+def test_drawn_turns_stay_within_their_bounds_and_include_small_ones():
+    rng = np.random.default_rng(0)
+    angles = np.array([Rotation.from_matrix(probe_shift.draw_rotation(rng, (30, 10, 5))).as_euler("yxz", degrees=True)
+                       for _ in range(2000)])
+    assert np.all(np.abs(angles) <= np.array([30, 10, 5]) + 1e-9)
+    magnitude = np.abs(angles[:, 0])
+    assert 0.15 < np.mean(magnitude < 3) < 0.4 and np.max(magnitude) > 25  # one shared scale: many small turns
+
+
+def test_warp_pairs_label_each_view_with_its_camera(monkeypatch):
+    turns = []
+    original = probe_shift.rotated_pair
+    monkeypatch.setattr(probe_shift, "rotated_pair", lambda image, k, r: turns.append((k, r)) or original(image, k, r))
+    cache = TurningClip()
+    images, pose = probe_shift.warp_pairs(cache, np.random.default_rng(0), range(3), 6, (20, 5, 5))
+    assert images.shape == (6, 2, 3, 84, 112) and pose.shape == (6, 2, 9)
+    for (intrinsic, rotation), encoding in zip(turns, pose.double()):
+        extrinsics, intrinsics = probe_shift.pose_encoding_to_extri_intri(encoding, probe_shift.IMAGE_SIZE)
+        np.testing.assert_allclose(extrinsics[1, :, :3].numpy(), rotation, atol=1e-6)
+        np.testing.assert_allclose(intrinsics[1].numpy(), intrinsic, rtol=1e-5)
+
+
+def test_warp_batches_take_turns_and_are_read_out(tmp_path, capsys, monkeypatch):
+    calls = []
+    original_shift, original_warp = probe_shift.make_pairs, probe_shift.warp_pairs
+    monkeypatch.setattr(probe_shift, "make_pairs", lambda *a: calls.append("shift") or original_shift(*a))
+    monkeypatch.setattr(probe_shift, "warp_pairs", lambda *a: calls.append("warp") or original_warp(*a))
+    small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
+    probe_shift.main(["--config", small, "--steps", "3", "--batch", "2", "--eval-every", "3", "--max-shift", "14",
+                      "--shift-unit", "14", "--rotation-warp", "20,5,5", "--cache-dir", str(tmp_path / "cache")])
+    assert calls == ["shift", "warp", "shift", "warp", "shift"]  # held-out pairs of each, then in turn
+    line, = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert "unit 14: rotation L1" in line and "; warp: rotation L1 / identity's" in line
+    calls.clear()
+    probe_shift.main(["--config", small, "--steps", "2", "--batch", "2", "--shift-unit", "", "--rotation-warp",
+                      "20,5,5", "--cache-dir", str(tmp_path / "cache")])
+    assert calls == ["warp", "warp", "warp"]  # no shift batches at all
+
+
 class TurningClip:
     """A scene cache whose every clip turns 3 deg per frame about y while stepping sideways: the pair
     (k, k + gap) is 3 * gap deg apart."""
@@ -153,7 +227,9 @@ def test_clip_read_out_pairs_frames_by_gap_in_both_orders(monkeypatch):
                                   ["--max-shift", "7", "--shift-unit", "14"], ["--max-shift", "112"],
                                   ["--max-shift", "14", "--shift-unit", "14,28"], ["--clip-kinds", "pan,arc"],
                                   ["--clip-kinds", "pan", "--clip-scenes", "17"], ["--clip-train", "arc"],
-                                  ["--clip-train", "pan", "--clip-gap", "10"]])
+                                  ["--clip-train", "pan", "--clip-gap", "10"], ["--rotation-warp", "20,5"],
+                                  ["--rotation-warp", "30,10,5"], ["--rotation-warp=-5,0,0"],
+                                  ["--rotation-warp", "a,b,c"], ["--shift-unit", ""]])
 def test_bad_input_is_a_one_line_error(argv):
     with pytest.raises(SystemExit) as exc:
         probe_shift.main([*argv, "--steps", "1"])
