@@ -89,7 +89,7 @@ def rotated_pair(image: np.ndarray, intrinsics: np.ndarray, rotation: np.ndarray
     height, width = image.shape[1:]
     v, u = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij")
     rays = np.stack([u, v, np.ones_like(u)], -1) @ (intrinsics @ rotation.T @ np.linalg.inv(intrinsics)).T
-    source = rays[..., :2] / rays[..., 2:]  # z > 0: --rotation-warp keeps turns well below 90 deg minus the FOV
+    source = rays[..., :2] / rays[..., 2:]  # z > 0 for turns up to MAX_WARP_DEGREES
     grid = torch.from_numpy(2 * source / np.array([width - 1, height - 1]) - 1)[None]  # float64: no turn = same view
     first = torch.from_numpy(image.astype(np.float64) / 255.0)[None]
     second = torch.nn.functional.grid_sample(first, grid, mode="bilinear", padding_mode="reflection",
