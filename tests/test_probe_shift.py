@@ -103,8 +103,8 @@ def test_a_rotated_pair_is_what_the_turned_camera_renders(degrees):
     pair, extrinsics, intrinsics = probe_shift.rotated_pair(image, intrinsic, rotation)
     wrong, _, _ = probe_shift.rotated_pair(image, intrinsic, rotation.T)
     # Compared where the turned camera sees inside the first view's frame (the rest is reflected padding).
-    centre = np.linalg.inv(intrinsic) @ np.array([[u, v, 1.0] for v in range(size[0]) for u in range(size[1])]).T
-    seen = intrinsic @ rotation.T @ centre
+    rays = np.linalg.inv(intrinsic) @ np.array([[u, v, 1.0] for v in range(size[0]) for u in range(size[1])]).T
+    seen = intrinsic @ rotation.T @ rays  # where each pixel of the turned view lies in the first view
     seen = seen[:2] / seen[2]
     inside = ((seen[0] >= 1) & (seen[0] <= size[1] - 2) & (seen[1] >= 1) & (seen[1] <= size[0] - 2)).reshape(size)
     error = np.median(np.abs(pair[1] - turned)[:, inside])
