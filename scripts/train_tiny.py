@@ -389,10 +389,34 @@ def stage_at(stages: list[dict], step: int) -> dict:
     return [st for st in stages if st["start"] <= step][-1]
 
 
+FREEZABLE = ("aggregator", "camera_head", "depth_head", "point_head")
+
+
+def parse_freeze(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in FREEZABLE]
+    if bad:
+        raise ValueError(f"--freeze {text!r}: {', '.join(bad)} is not one of {', '.join(FREEZABLE)}")
+    if set(names) == set(FREEZABLE):
+        raise ValueError("--freeze: every module frozen leaves nothing to train")
+    return names
+
+
+def freeze(model: VGGT, names: list[str]) -> None:
+    """Takes these top-level modules out of training: no gradients, no optimizer state, no weight decay.
+    A frozen aggregator keeps the views' cross-view features (and with the camera head, the poses) exactly
+    as they are, while the dense heads learn on top of them; autograd then records nothing inside it."""
+    for name in names:
+        getattr(model, name).requires_grad_(False)
+
+
 def make_optimizer(model: VGGT, args) -> torch.optim.Optimizer:
-    """AdamW, weight decay on matrices only; the camera head's groups run at --camera-lr-mult times the lr."""
+    """AdamW over the trained (not --freeze) parameters, weight decay on matrices only; the camera head's
+    groups run at --camera-lr-mult times the lr."""
     groups = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         decay = param.ndim >= 2 and "token" not in name
         camera = name.startswith("camera_head.")
         groups.setdefault((decay, camera), []).append(param)
@@ -528,6 +552,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-weight", type=float, default=0.0, help="gradient loss weight (0: off)")
     p.add_argument("--dense-frames", type=int, default=0, help="views per sample that get the dense losses (0: all)")
     p.add_argument("--camera-loss", choices=("l1", "huber"), default="l1")
+    p.add_argument("--freeze", type=str, default="",
+                   help=f"comma list of modules not trained ({', '.join(FREEZABLE)}), e.g. aggregator,camera_head "
+                        "to fit the dense heads to a pose-trained trunk without moving its poses")
     p.add_argument("--config", type=str, default="{}", help="JSON overrides of the vggt-tiny config")
     p.add_argument("--init", type=str, default="",
                    help="start from this checkpoint's weights ('vggt-tiny': the embedded model) instead of random")
@@ -575,6 +602,7 @@ def main(argv=None) -> dict:
                 raise ValueError("--resume needs an existing --state file")
             args = resumed_args(args, argv)
         stages = parse_stages(args.stages, args)
+        frozen = parse_freeze(args.freeze)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -596,8 +624,11 @@ def main(argv=None) -> dict:
         loaded, fresh = warm_start(model, init)
         print(f"initialised from {args.init}: {loaded} tensors loaded, {len(fresh)} fresh "
               f"({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})", flush=True)
+    freeze(model, frozen)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"config {cfg.to_dict()}\nparameters {n_params / 1e6:.2f} M", flush=True)
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"config {cfg.to_dict()}\nparameters {n_params / 1e6:.2f} M ({n_trained / 1e6:.2f} M trained"
+          f"{', frozen: ' + ', '.join(frozen) if frozen else ''})", flush=True)
     opt = make_optimizer(model, args)
     image_size = (args.height, args.width)
     train_seeds = list(TRAIN_SEEDS[: args.num_scenes])

@@ -99,3 +99,26 @@ def test_warm_start_moves_the_conv_patchify_into_a_dinov2_encoder():
     assert "aggregator.patch_embed.pos_embed" in fresh
     with pytest.raises(SystemExit, match="another config"):
         train_tiny.warm_start(VGGT(tiny_config(**{**small, "embed_dim": 64})), conv)
+
+
+def test_freeze_keeps_the_trunk_and_its_poses_and_trains_the_dense_heads(tmp_path):
+    start = tmp_path / "start.safetensors"
+    train_tiny.main(small_run(tmp_path, "--steps", "2", "--out", str(start)))
+    out = tmp_path / "heads.safetensors"
+    train_tiny.main(small_run(tmp_path, "--init", str(start), "--freeze", "aggregator,camera_head", "--lr", "1e-2",
+                              "--out", str(out)))
+    before, after = load_file(start), load_file(out)
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"depth_head", "point_head"}
+    # Without --freeze the same run moves the trunk: the test above is not vacuous.
+    train_tiny.main(small_run(tmp_path, "--init", str(start), "--lr", "1e-2", "--out", str(out)))
+    after = load_file(out)
+    assert {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])} >= {"aggregator", "camera_head"}
+
+
+@pytest.mark.parametrize("names", ["aggregator,track_head", "aggregator,camera_head,depth_head,point_head"])
+def test_bad_freeze_is_a_one_line_error(names, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_tiny.main(["--freeze", names])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: --freeze") and err.count("\n") == 1
