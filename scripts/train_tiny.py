@@ -326,6 +326,30 @@ def val_report(checkpoint: str | None, scenes: int, views: int | None, image_siz
     return {"dataset": dataset, "scenes": scenes, "views": views, "image_size": list(image_size), "rows": rows}
 
 
+KIND_READOUT = {"pan": 8, "orbit": 8, "forward": 8, "arc": 10}  # camera path -> views (time order for clips)
+
+
+def kind_report(checkpoints: list[str], scenes: int, image_size: tuple[int, int], cache_dir: str = "") -> dict:
+    """quick_eval per kind of camera path on the first `scenes` DEV_SEEDS, for each checkpoint ('vggt-tiny':
+    the embedded model). The training read-out's 'video' dev clips mix the kinds at random, 8 of them: too few
+    to rank models whose pose is near the identity predictor's, when one kind (pans) improves and another
+    (forward motion) worsens."""
+    from qvggt_export.model import load_model
+
+    caches = {kind: SceneCache(image_size, cache_dir, kind) for kind in KIND_READOUT}
+    rows = {}
+    for checkpoint in checkpoints:
+        model = load_model(None if checkpoint == "vggt-tiny" else checkpoint)
+        with torch.no_grad():
+            rows[checkpoint] = {kind: quick_eval(model, caches[kind], list(DEV_SEEDS[:scenes]), views)
+                                for kind, views in KIND_READOUT.items()}
+        print(checkpoint + ": rotation error / identity's " + ", ".join(
+            f"{kind} {r['rot_err']:.2f} / {r['id_rot_err']:.2f} deg = {r['rot_err'] / r['id_rot_err']:.3f}"
+            for kind, r in rows[checkpoint].items()) + "; AbsRel " + ", ".join(
+            f"{kind} {r['absrel']:.3f}" for kind, r in rows[checkpoint].items()), flush=True)
+    return {"scenes": list(DEV_SEEDS[:scenes]), "image_size": list(image_size), "rows": rows}
+
+
 # -------------------------------------------------------------------------------------------- training
 
 RESUME_OVERRIDES = ("steps", "minutes", "stop_step", "threads", "out", "best_out", "log", "curves", "state",
@@ -565,6 +589,9 @@ def parse_args(argv=None):
     p.add_argument("--report-sets", type=str, default="synthetic-val,synthetic-video")
     p.add_argument("--val-scenes", type=int, default=10)
     p.add_argument("--no-baselines", action="store_true", help="--report: the checkpoint only")
+    p.add_argument("--kind-report", type=str, default="",
+                   help="only read out these checkpoints (comma list; 'vggt-tiny': the embedded model) per kind of "
+                        f"camera path ({', '.join(KIND_READOUT)}) on the first --eval-scenes DEV_SEEDS")
     p.add_argument("--prerender", type=str, default="", help="only render training seeds A:B into --cache-dir")
     p.add_argument("--workers", type=int, default=2, help="--prerender processes")
     p.add_argument("--eval-every", type=int, default=0)
@@ -603,6 +630,11 @@ def main(argv=None) -> dict:
             args = resumed_args(args, argv)
         stages = parse_stages(args.stages, args)
         frozen = parse_freeze(args.freeze)
+        if args.kind_report and not 1 <= args.eval_scenes <= len(DEV_SEEDS):
+            raise ValueError(f"--kind-report reads 1..{len(DEV_SEEDS)} --eval-scenes, got {args.eval_scenes}")
+        missing = [c for c in args.kind_report.split(",") if c and c != "vggt-tiny" and not Path(c).is_file()]
+        if missing:
+            raise ValueError(f"--kind-report: no checkpoint file {', '.join(missing)}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -612,6 +644,11 @@ def main(argv=None) -> dict:
     if args.prerender:
         prerender(args)
         return {}
+    if args.kind_report:
+        report = kind_report(args.kind_report.split(","), args.eval_scenes, (args.height, args.width), args.cache_dir)
+        if args.log:
+            write_json(args.log, report)
+        return report
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     cfg = tiny_config(**json.loads(args.config))

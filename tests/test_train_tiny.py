@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -122,3 +123,29 @@ def test_bad_freeze_is_a_one_line_error(names, capsys):
         train_tiny.main(["--freeze", names])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: --freeze") and err.count("\n") == 1
+
+
+def test_kind_report_reads_each_camera_path_on_the_dev_seeds(tmp_path):
+    from scipy.spatial.transform import Rotation
+
+    checkpoint = str(tmp_path / "model.safetensors")
+    train_tiny.main(small_run(tmp_path, "--steps", "1", "--out", checkpoint))
+    size = ["--height", "28", "--width", "42", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    report = train_tiny.main(["--kind-report", checkpoint, "--eval-scenes", "2", *size])
+    rows = report["rows"][checkpoint]
+    assert list(rows) == ["pan", "orbit", "forward", "arc"] and report["scenes"] == [999984, 999985]
+    # The identity predictor's error is each path's mean relative rotation over its pairs, recomputed here from
+    # the dev scenes' own cameras: the read-out uses that kind, those seeds and the first `views` frames.
+    for kind, views in train_tiny.KIND_READOUT.items():
+        cache = train_tiny.SceneCache((28, 42), str(tmp_path / "cache"), kind)
+        angles = []
+        for seed in train_tiny.DEV_SEEDS[:2]:
+            extr = train_tiny.make_sample(cache.get(seed), np.arange(views))[4]
+            angles += [np.degrees(Rotation.from_matrix(extr[j, :, :3] @ extr[i, :, :3].T).magnitude())
+                       for i in range(views) for j in range(i + 1, views)]
+        assert rows[kind]["id_rot_err"] == pytest.approx(np.mean(angles), abs=1e-3), kind
+    assert rows["arc"]["id_rot_err"] > 2 * rows["forward"]["id_rot_err"]
+    for bad in (["--eval-scenes", "17"], ["--eval-scenes", "2", "--kind-report", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit) as exc:
+            train_tiny.main(["--kind-report", checkpoint, *size, *bad])
+        assert exc.value.code == 2
