@@ -23,6 +23,10 @@ with the saved arguments (only --steps, --minutes, --stop-step, --threads, --out
 changed). `--curves` writes the learning curves (camera T/R/FoV loss, dev rotation error of the model and of
 the identity predictor on video-like and wide-arc dev scenes, depth AbsRel) as JSON and a PNG beside it.
 
+`--freeze aggregator,camera_head` trains only the dense heads, on a trunk whose poses stay exactly as they were
+(vggt-tiny v2.1). `--kind-report CKPT,...` reads checkpoints out per kind of camera path (pan, orbit, forward
+clips, wide arcs) on the held-out DEV_SEEDS.
+
 Deterministic by seed (same thread count). The shipped checkpoint: see qvggt_export/weights/vggt_tiny.md.
 synthetic-val report with trivial baselines:  python scripts/train_tiny.py --report --val-scenes 5
 """
