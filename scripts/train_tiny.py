@@ -344,9 +344,8 @@ def kind_report(checkpoints: list[str], scenes: int, image_size: tuple[int, int]
     rows = {}
     for checkpoint in checkpoints:
         model = load_model(None if checkpoint == "vggt-tiny" else checkpoint)
-        with torch.no_grad():
-            rows[checkpoint] = {kind: quick_eval(model, caches[kind], list(DEV_SEEDS[:scenes]), views)
-                                for kind, views in KIND_READOUT.items()}
+        rows[checkpoint] = {kind: quick_eval(model, caches[kind], list(DEV_SEEDS[:scenes]), views)
+                            for kind, views in KIND_READOUT.items()}
         print(checkpoint + ": rotation error / identity's " + ", ".join(
             f"{kind} {r['rot_err']:.2f} / {r['id_rot_err']:.2f} deg = {r['rot_err'] / r['id_rot_err']:.3f}"
             for kind, r in rows[checkpoint].items()) + "; AbsRel " + ", ".join(
