@@ -229,7 +229,7 @@ def main(argv=None) -> None:
         model = VGGT(tiny_config(**json.loads(args.config))).train()
         train_tiny.init_encoder_embeddings(model)
         if args.init:
-            train_tiny.warm_start(model, load_model(None if args.init == "vggt-tiny" else args.init))
+            train_tiny.warm_start(model, load_model(args.init))
     except (QVGGTError, OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, "arc")

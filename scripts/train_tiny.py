@@ -51,8 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qvggt_export.data.synthetic import TRAIN_SEEDS, TRAJECTORIES, render_scene  # noqa: E402
 from qvggt_export.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri  # noqa: E402
+from qvggt_export.errors import QVGGTError  # noqa: E402
 from qvggt_export.io import atomic_output, write_json  # noqa: E402
 from qvggt_export.model import VGGT, save_vggt  # noqa: E402
+from qvggt_export.model.checkpoint import resolve_source  # noqa: E402
 from qvggt_export.model.dinov2 import DINOv2  # noqa: E402
 from qvggt_export.model.presets import TINY_CONFIG, tiny_config  # noqa: E402
 
@@ -343,7 +345,7 @@ def kind_report(checkpoints: list[str], scenes: int, image_size: tuple[int, int]
     caches = {kind: SceneCache(image_size, cache_dir, kind) for kind in KIND_READOUT}
     rows = {}
     for checkpoint in checkpoints:
-        model = load_model(None if checkpoint == "vggt-tiny" else checkpoint)
+        model = load_model(checkpoint)
         rows[checkpoint] = {kind: quick_eval(model, caches[kind], list(DEV_SEEDS[:scenes]), views)
                             for kind, views in KIND_READOUT.items()}
         print(checkpoint + ": rotation error / identity's " + ", ".join(
@@ -635,10 +637,10 @@ def main(argv=None) -> dict:
         frozen = parse_freeze(args.freeze)
         if args.kind_report and not 1 <= args.eval_scenes <= len(DEV_SEEDS):
             raise ValueError(f"--kind-report reads 1..{len(DEV_SEEDS)} --eval-scenes, got {args.eval_scenes}")
-        missing = [c for c in args.kind_report.split(",") if c and c != "vggt-tiny" and not Path(c).is_file()]
-        if missing:
-            raise ValueError(f"--kind-report: no checkpoint file {', '.join(missing)}")
-    except ValueError as exc:
+        kind_checkpoints = [c for c in args.kind_report.split(",") if c]
+        for checkpoint in kind_checkpoints:
+            resolve_source(checkpoint)
+    except (ValueError, QVGGTError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     torch.set_num_threads(args.threads)
@@ -647,8 +649,8 @@ def main(argv=None) -> dict:
     if args.prerender:
         prerender(args)
         return {}
-    if args.kind_report:
-        report = kind_report(args.kind_report.split(","), args.eval_scenes, (args.height, args.width), args.cache_dir)
+    if kind_checkpoints:
+        report = kind_report(kind_checkpoints, args.eval_scenes, (args.height, args.width), args.cache_dir)
         if args.log:
             write_json(args.log, report)
         return report
@@ -660,7 +662,7 @@ def main(argv=None) -> dict:
     if args.init:  # warm start, e.g. from the previous vggt-tiny
         from qvggt_export.model import load_model
 
-        init = load_model(None if args.init == "vggt-tiny" else args.init)
+        init = load_model(args.init)
         loaded, fresh = warm_start(model, init)
         print(f"initialised from {args.init}: {loaded} tensors loaded, {len(fresh)} fresh "
               f"({', '.join(fresh[:6])}{', ...' if len(fresh) > 6 else ''})", flush=True)
