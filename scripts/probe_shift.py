@@ -19,6 +19,10 @@ the relative rotation error of pairs (k, k + gap) in both orders / the identity 
 `--rotation-warp 28,6,6` adds exact pure-rotation pairs: a view and the view of the same camera turned about its
 centre by up to 28 / 6 / 6 deg of yaw / pitch / roll (a homography K R K^-1 of the rendered view, no parallax), so
 the turn is not yaw-only and small turns are common; `--shift-unit ''` leaves the shift batches out.
+`--translation-pairs 0.3` adds pure-translation pairs: a view and the view its camera sees after a step of up to
+0.3 scene units (metres) in any direction without turning, rendered (so with real parallax) and labelled [I | t];
+they teach that forward or sideways motion is not a turn. Their read-out is the turn the model predicts where there
+is none and its translation direction error.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
+from qvggt_export.data.synthetic import render_views
 from qvggt_export.errors import QVGGTError
 from qvggt_export.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
 from qvggt_export.model import VGGT, load_model, save_vggt
@@ -53,6 +58,9 @@ CLIP_GAPS = (1, 2, 4, 9)  # frame gaps of the clip read-out (clips have train_ti
 # corner rays are 46 deg off its axis), so rotated_pair's homography never divides by z <= 0.
 MAX_WARP_DEGREES = 40.0
 YAW = 4  # pose-encoding index of the quaternion's y component (x, y, z, w after the translation)
+# Training cameras stand >= 0.5 m from the walls and ceiling and >= 0.7 m from the objects (arc cameras 2.3 m or
+# more from the centre, objects within 1.6 m of it), so a step of at most this stays in free space.
+MAX_STEP = 0.35
 
 
 def shifted_pair(image: np.ndarray, shift: int, max_shift: int):
@@ -116,6 +124,37 @@ def warp_pairs(cache, rng: np.random.Generator, seeds, n: int, max_degrees):
     return labelled_batch(pairs)
 
 
+def draw_step(rng: np.random.Generator, max_step: float) -> np.ndarray:
+    """A camera-frame step in a uniformly random direction (forward as often as sideways), length uniform in
+    [0, max_step], so small steps are as common as between neighbouring video frames."""
+    direction = rng.normal(size=3)
+    return rng.uniform(0, max_step) * direction / np.linalg.norm(direction)
+
+
+def moved_pair(seed: int, scene, view: int, step: np.ndarray):
+    """View `view` of training scene `seed` (its cached arrays `scene`) and the view its camera renders after moving
+    by `step` (camera frame, no turn) -> (images [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3]), re-based
+    on the first camera and scale-normalised as train_tiny.make_sample does: extrinsics [I | 0], [I | -step / scale]."""
+    extrinsic, intrinsic = scene[2][view].copy(), scene[3][view]
+    extrinsic[:, 3] -= step  # camera centre c' = c + R^T step
+    moved = render_views(seed, extrinsic[None], intrinsic[None], IMAGE_SIZE)
+    moved_image = (moved.images[0] * 255).round().astype(np.uint8)  # as the scene cache stores views
+    two_views = tuple(np.stack([part[view], new]) for part, new in zip(
+        scene, (moved_image, moved.depth[0], moved.extrinsics[0].astype(np.float64), intrinsic, moved.valid[0])))
+    images, _, _, _, extrinsics, intrinsics = train_tiny.make_sample(two_views, np.array([0, 1]))
+    return images, extrinsics, intrinsics
+
+
+def move_pairs(cache, rng: np.random.Generator, seeds, n: int, max_step: float):
+    """n pure-translation pairs (moved_pair) of random views of `seeds`, steps drawn by draw_step."""
+    pairs = []
+    for _ in range(n):
+        seed = int(rng.choice(seeds))
+        pairs.append(moved_pair(seed, cache.get(seed), int(rng.integers(train_tiny.SCENE_VIEWS)),
+                                draw_step(rng, max_step)))
+    return labelled_batch(pairs)
+
+
 def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int):
     """n pairs of frames (k, k + g) of random clips, g in 1..max_gap, in either order, photometric jitter."""
     samples = []
@@ -141,6 +180,19 @@ def read_out(model: VGGT, images: torch.Tensor, pose: torch.Tensor, identity_l1:
     gt = pose[:, 1]
     return (float((pred[:, 3:7] - gt[:, 3:7]).abs().mean()) / identity_l1,
             float(((pred[:, YAW] * gt[:, YAW]) > 0).float().mean()))
+
+
+@torch.no_grad()
+def move_read_out(model: VGGT, images: torch.Tensor, pose: torch.Tensor) -> tuple[float, float]:
+    """(mean turn in deg the model predicts for the second views, where there is none; mean angle in deg between
+    the predicted and the true translation direction)."""
+    model.eval()
+    pred = camera_forward(model, images)[-1][:, 1].double()
+    model.train()
+    quaternion = torch.nn.functional.normalize(pred[:, 3:7], dim=-1)
+    turn = torch.rad2deg(2 * torch.acos(quaternion[:, 3].abs().clamp(max=1)))
+    cosine = torch.nn.functional.cosine_similarity(pred[:, :3], pose[:, 1, :3].double(), dim=-1)
+    return float(turn.mean()), float(torch.rad2deg(torch.acos(cosine.clamp(-1, 1))).mean())
 
 
 @torch.no_grad()
@@ -198,6 +250,10 @@ def main(argv=None) -> None:
     p.add_argument("--rotation-warp", default="", metavar="YAW,PITCH,ROLL",
                    help="also train on exact pure-rotation pairs (a view and its homography K R K^-1) turned by at "
                         "most these degrees about each axis; their batches take turns after the shift batches")
+    p.add_argument("--translation-pairs", type=float, default=0.0, metavar="MAX_STEP",
+                   help=f"also train on pure-translation pairs: a view and the view its camera renders after a step "
+                        f"of up to MAX_STEP (<= {MAX_STEP}) scene units in any direction, no turn; their batches "
+                        f"take turns after the warp batches")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -211,8 +267,12 @@ def main(argv=None) -> None:
     p.add_argument("--clip-scenes", type=int, default=8, help="DEV_SEEDS scenes per clip kind of that read-out")
     args = p.parse_args(argv)
     args.rotation_warp = parse_warp_degrees(args.rotation_warp) if args.rotation_warp else []
-    if not args.shift_unit and not args.rotation_warp and not args.clip_train:
-        raise SystemExit("error: nothing to train on: give --shift-unit, --rotation-warp or --clip-train")
+    if not args.shift_unit and not args.rotation_warp and not args.translation_pairs and not args.clip_train:
+        raise SystemExit("error: nothing to train on: give --shift-unit, --rotation-warp, --translation-pairs or "
+                         "--clip-train")
+    if not 0 <= args.translation_pairs <= MAX_STEP:
+        raise SystemExit(f"error: --translation-pairs takes a step in 0..{MAX_STEP} scene units, got "
+                         f"{args.translation_pairs:g}")
     if not all(1 <= unit <= args.max_shift < IMAGE_SIZE[1] for unit in args.shift_unit):
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
                          f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
@@ -241,11 +301,14 @@ def main(argv=None) -> None:
         held_out["warp"] = warp_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.rotation_warp)
     held_out = {kind: (images, pose, float((pose[:, 1, 3:7] - pose[:, 0, 3:7]).abs().mean()))
                 for kind, (images, pose) in held_out.items()}
+    held_out_moves = (move_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.translation_pairs)
+                      if args.translation_pairs else None)
     params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
-    # Taken in turn, one a step: shift units (int), then "warp", then "clip".
-    batch_kinds = [*args.shift_unit, *(["warp"] if args.rotation_warp else []), *(["clip"] if args.clip_train else [])]
+    # Taken in turn, one a step: shift units (int), then "warp", "move" and "clip".
+    batch_kinds = [*args.shift_unit, *(["warp"] if args.rotation_warp else []),
+                   *(["move"] if args.translation_pairs else []), *(["clip"] if args.clip_train else [])]
     clip_cache = train_tiny.SceneCache(IMAGE_SIZE, args.cache_dir, args.clip_train) if args.clip_train else None
     rng, start = np.random.default_rng(args.seed), time.time()
     for step in range(args.steps):
@@ -256,6 +319,8 @@ def main(argv=None) -> None:
             images, pose = clip_pairs(clip_cache, rng, CLIP_TRAIN_SCENES, args.batch, args.clip_gap)
         elif batch_kinds[turn] == "warp":
             images, pose = warp_pairs(cache, rng, TRAIN_SCENES, args.batch, args.rotation_warp)
+        elif batch_kinds[turn] == "move":
+            images, pose = move_pairs(cache, rng, TRAIN_SCENES, args.batch, args.translation_pairs)
         else:
             images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, batch_kinds[turn])
         loss, _ = train_tiny.camera_loss(camera_forward(model, images), pose)
@@ -268,6 +333,10 @@ def main(argv=None) -> None:
             for kind, pairs in held_out.items():
                 ratio, sign = read_out(model, *pairs)
                 reports.append(f"{kind}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
+            if held_out_moves is not None:
+                turn, direction = move_read_out(model, *held_out_moves)
+                reports.append(f"move: predicted turn {turn:.2f} deg (none), translation direction error "
+                               f"{direction:.1f} deg")
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s " + "; ".join(reports), flush=True)
     if args.out:
         save_vggt(model.eval(), args.out)

@@ -95,11 +95,11 @@ def test_a_rotated_pair_is_what_the_turned_camera_renders(degrees):
     # The renderer's own view from the same centre turned by R: the warp must match it up to resampling of the
     # textures, and the opposite turn (R^T, a sign or transpose slip) must not.
     size = (84, 112)
-    layout = synthetic._layout(3, 1, size, "arc")
-    extrinsic, intrinsic = layout.extrinsics[0], layout.intrinsics[0]
-    image = (synthetic._render_view(layout, extrinsic, intrinsic, size)[0] * 255).round().astype(np.uint8)
+    scene = synthetic.render_scene(3, 1, size)
+    extrinsic, intrinsic = scene.extrinsics[0].astype(np.float64), scene.intrinsics[0].astype(np.float64)
+    image = (scene.images[0] * 255).round().astype(np.uint8)
     rotation = Rotation.from_euler("yxz", degrees, degrees=True).as_matrix()
-    turned = synthetic._render_view(layout, rotation @ extrinsic, intrinsic, size)[0]
+    turned = synthetic.render_views(3, (rotation @ extrinsic)[None], intrinsic[None], size).images[0]
     pair, extrinsics, intrinsics = probe_shift.rotated_pair(image, intrinsic, rotation)
     wrong, _, _ = probe_shift.rotated_pair(image, intrinsic, rotation.T)
     # Compared where the turned camera sees inside the first view's frame (the rest is reflected padding).
@@ -234,3 +234,51 @@ def test_bad_input_is_a_one_line_error(argv):
     with pytest.raises(SystemExit) as exc:
         probe_shift.main([*argv, "--steps", "1"])
     assert str(exc.value).startswith("error: ") and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("step", [(0.0, 0.0, 0.3), (0.25, -0.05, 0.0), (-0.1, 0.1, -0.2)])
+def test_a_moved_pair_is_labelled_with_the_step_its_camera_took(step):
+    # The second view is the renderer's, from the camera moved by `step` in its own frame; the label is [I | t] with
+    # t along -step. Through that label, view 1's points (cached depth) reproject onto view 2 with their colours,
+    # and through the opposite step (a sign slip) clearly less well.
+    size, seed, view = probe_shift.IMAGE_SIZE, 3, 2
+    scene = synthetic.render_scene(seed, 3, size)
+    cached = ((scene.images * 255).round().astype(np.uint8), scene.depth, scene.extrinsics.astype(np.float64),
+              scene.intrinsics.astype(np.float64), scene.valid)
+    step = np.array(step)
+    images, extrinsics, intrinsics = probe_shift.moved_pair(seed, cached, view, step)
+    np.testing.assert_allclose(extrinsics[1, :, :3], np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(extrinsics[0], np.eye(3, 4), atol=1e-6)  # float32 cameras
+    direction = -extrinsics[1, :, 3] / np.linalg.norm(extrinsics[1, :, 3])
+    np.testing.assert_allclose(direction, step / np.linalg.norm(step), atol=1e-5)
+    np.testing.assert_array_equal(images[0], cached[0][view].astype(np.float32) / 255.0)
+    K = intrinsics[0]
+    v, u = np.mgrid[0:size[0], 0:size[1]]
+    points = (np.linalg.inv(K) @ np.stack([u.ravel(), v.ravel(), np.ones(u.size)])) * cached[1][view].ravel()
+
+    def colour_error(moved_by):
+        seen = K @ (points - moved_by[:, None])
+        x, y = np.round(seen[:2] / seen[2]).astype(int)
+        inside = (x >= 0) & (x < size[1]) & (y >= 0) & (y < size[0]) & (seen[2] > 0)
+        first = images[0].reshape(3, -1)[:, inside]
+        return np.median(np.abs(images[1][:, y[inside], x[inside]] - first)), inside.mean()
+
+    labelled_step = direction * np.linalg.norm(step)  # the label's direction at the step's length in metres
+    error, overlap = colour_error(labelled_step)
+    wrong, _ = colour_error(-labelled_step)
+    assert overlap > 0.6 and error < 0.5 * wrong
+
+
+def test_translation_batches_take_turns_and_are_read_out(tmp_path, capsys, monkeypatch):
+    calls = []
+    original_shift, original_move = probe_shift.make_pairs, probe_shift.move_pairs
+    monkeypatch.setattr(probe_shift, "make_pairs", lambda *a: calls.append("shift") or original_shift(*a))
+    monkeypatch.setattr(probe_shift, "move_pairs", lambda *a: calls.append(("move", a[-1])) or original_move(*a))
+    small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
+    probe_shift.main(["--config", small, "--steps", "3", "--batch", "2", "--eval-every", "3", "--max-shift", "14",
+                      "--shift-unit", "14", "--translation-pairs", "0.2", "--cache-dir", str(tmp_path / "cache")])
+    assert calls == ["shift", ("move", 0.2), "shift", ("move", 0.2), "shift"]  # held-out pairs, then in turn
+    line, = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert "; move: predicted turn " in line and "translation direction error" in line
+    with pytest.raises(SystemExit, match="--translation-pairs takes a step in 0..0.35"):
+        probe_shift.main(["--translation-pairs", "0.5"])

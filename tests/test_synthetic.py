@@ -17,6 +17,7 @@ from qvggt_export.data.synthetic import (
     _render_view,
     calibration_scenes,
     render_scene,
+    render_views,
 )
 from qvggt_export.errors import InputError
 from qvggt_export.geometry import closed_form_inverse_se3, unproject_depth_map_to_point_map
@@ -142,6 +143,22 @@ def test_trajectory_changes_only_the_cameras():
     np.testing.assert_array_equal(orbit.extrinsics, again.extrinsics)
     with pytest.raises(InputError, match="trajectory"):
         render_scene(4, 3, (28, 42), "spiral")
+
+
+def test_render_views_shows_the_seeds_scene_from_any_camera():
+    orbit = render_scene(4, 3, (28, 42), "orbit")
+    same = render_views(4, orbit.extrinsics, orbit.intrinsics, (28, 42))
+    for field in ("images", "depth", "extrinsics", "intrinsics", "world_points", "valid"):
+        np.testing.assert_array_equal(getattr(same, field), getattr(orbit, field), err_msg=field)
+    # A camera stepped 0.3 m back along its axis sees the same world points, just farther and smaller.
+    stepped = orbit.extrinsics[:1].astype(np.float64).copy()
+    stepped[0, 2, 3] += 0.3
+    back = render_views(4, stepped, orbit.intrinsics[:1], (28, 42))
+    assert np.abs(back.images - orbit.images[:1]).mean() > 0.02
+    centre = slice(10, 18), slice(17, 25)  # the middle of the view: what both cameras see
+    assert np.median(back.depth[0][centre] - orbit.depth[0][centre]) == pytest.approx(0.3, abs=0.05)
+    with pytest.raises(InputError, match="extrinsics"):
+        render_views(4, orbit.extrinsics[0], orbit.intrinsics[0], (28, 42))
 
 
 @pytest.mark.parametrize("seed", [20, 21, 22])

@@ -16,7 +16,8 @@ Camera trajectories (`render_scene(..., trajectory=)`): "arc" (the default: view
 arc around the scene, in shuffled order) or video-like clips in time order, as users shoot them: "orbit"
 (a 10-60 deg drone / handheld orbit), "forward" (walking towards the scene), "pan" (turning 20-60 deg
 while stepping sideways), or "video" (one of those three, drawn from the seed). The trajectory only
-changes the cameras: the same seed gives the same room and objects.
+changes the cameras: the same seed gives the same room and objects, and `render_views` shows them from any
+cameras.
 """
 
 from __future__ import annotations
@@ -561,14 +562,32 @@ def render_scene(seed: int, num_views: int = 10, image_size=DEFAULT_IMAGE_SIZE, 
         raise InputError(f"unknown camera trajectory {trajectory!r}; choose one of {', '.join(TRAJECTORIES)}")
     image_size = check_image_size(image_size)
     layout = _layout(seed, num_views, image_size, trajectory)
-    views = [_render_view(layout, e, k, image_size) for e, k in zip(layout.extrinsics, layout.intrinsics)]
+    return _render_scene_views(seed, layout, layout.extrinsics, layout.intrinsics, image_size)
+
+
+def render_views(seed: int, extrinsics, intrinsics, image_size=DEFAULT_IMAGE_SIZE) -> Scene:
+    """The scene drawn from `seed` (render_scene's room, objects and lights, whatever its trajectory) seen by the
+    given cameras: extrinsics [S, 3, 4] camera-from-world, intrinsics [S, 3, 3] for `image_size`. Seen by the
+    cameras of render_scene(seed, ...), it is that scene exactly."""
+    image_size = check_image_size(image_size)
+    # float32-rounded as the layout's own cameras are, so the stored cameras and depth agree exactly.
+    extrinsics = np.asarray(extrinsics, dtype=np.float32).astype(np.float64)
+    intrinsics = np.asarray(intrinsics, dtype=np.float32).astype(np.float64)
+    if extrinsics.ndim != 3 or extrinsics.shape[1:] != (3, 4) or intrinsics.shape != (len(extrinsics), 3, 3):
+        raise InputError(f"need extrinsics [S, 3, 4] and intrinsics [S, 3, 3], got {extrinsics.shape} and "
+                         f"{intrinsics.shape}")
+    return _render_scene_views(seed, _layout(seed, 1, image_size), extrinsics, intrinsics, image_size)
+
+
+def _render_scene_views(seed: int, layout: _SceneLayout, extrinsics, intrinsics, image_size) -> Scene:
+    views = [_render_view(layout, e, k, image_size) for e, k in zip(extrinsics, intrinsics)]
     images, depth, points, valid = (np.stack(parts) for parts in zip(*views))
     return Scene(
         seed=seed,
         images=images.astype(np.float32),
         depth=depth.astype(np.float32),
-        extrinsics=layout.extrinsics.astype(np.float32),
-        intrinsics=layout.intrinsics.astype(np.float32),
+        extrinsics=extrinsics.astype(np.float32),
+        intrinsics=intrinsics.astype(np.float32),
         world_points=points.astype(np.float32),
         valid=valid,
     )
