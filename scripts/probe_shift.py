@@ -334,8 +334,8 @@ def main(argv=None) -> None:
                 ratio, sign = read_out(model, *pairs)
                 reports.append(f"{kind}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
             if held_out_moves is not None:
-                turn, direction = move_read_out(model, *held_out_moves)
-                reports.append(f"move: predicted turn {turn:.2f} deg (none), translation direction error "
+                false_turn, direction = move_read_out(model, *held_out_moves)
+                reports.append(f"move: predicted turn {false_turn:.2f} deg (none), translation direction error "
                                f"{direction:.1f} deg")
             print(f"step {step + 1:5d} {time.time() - start:6.0f}s " + "; ".join(reports), flush=True)
     if args.out:
