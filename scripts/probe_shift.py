@@ -23,6 +23,10 @@ the turn is not yaw-only and small turns are common; `--shift-unit ''` leaves th
 0.3 scene units (metres) in any direction without turning, rendered (so with real parallax) and labelled [I | t];
 they teach that forward or sideways motion is not a turn. Their read-out is the turn the model predicts where there
 is none and its translation direction error.
+`--track-weight 0.05` adds VGGT's fourth loss: a track head (the released modules at presets.TINY_TRACKER's size,
+trained alongside, never saved) tracks 64 query points of view 0 into view 1 of every pair, supervised by the
+pair's ground-truth tracks (a shift moves them by the shift, a warp by its homography, rendered pairs by their
+depth and cameras with an occlusion test); its read-out is the held-out tracks' pixel error.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from qvggt_export.data.synthetic import render_views
 from qvggt_export.errors import QVGGTError
 from qvggt_export.geometry import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
 from qvggt_export.model import VGGT, load_model, save_vggt
-from qvggt_export.model.presets import tiny_config
+from qvggt_export.model.presets import TINY_TRACKER, tiny_config
+from qvggt_export.model.track_head import TrackHead
 
 _spec = importlib.util.spec_from_file_location("train_tiny", Path(__file__).with_name("train_tiny.py"))
 train_tiny = importlib.util.module_from_spec(_spec)
@@ -74,19 +79,55 @@ def shifted_pair(image: np.ndarray, shift: int, max_shift: int):
     return pair, extrinsics, intrinsics
 
 
-def labelled_batch(pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(pair [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3])] -> (images [B, 2, 3, H, W], pose encodings)."""
-    images, extrinsics, intrinsics = (np.stack(parts) for parts in zip(*pairs))
+def labelled_batch(pairs) -> tuple[torch.Tensor, ...]:
+    """[(pair [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3][, tracks [2, N, 2], visible [2, N]])] ->
+    (images [B, 2, 3, H, W], pose encodings[, tracks [B, 2, N, 2], visible [B, 2, N]])."""
+    images, extrinsics, intrinsics, *tracks = (np.stack(parts) for parts in zip(*pairs))
     pose = extri_intri_to_pose_encoding(torch.from_numpy(extrinsics), torch.from_numpy(intrinsics), IMAGE_SIZE)
-    return torch.from_numpy(images), pose.float()
+    return torch.from_numpy(images), pose.float(), *(torch.from_numpy(part) for part in tracks)
 
 
-def make_pairs(cache, rng: np.random.Generator, seeds, n: int, max_shift: int, unit: int = 1):
-    """n shifted pairs of random views of `seeds`; shifts are multiples of `unit` px in [-max_shift, max_shift]."""
-    return labelled_batch([
-        shifted_pair(cache.get(int(rng.choice(seeds)))[0][int(rng.integers(train_tiny.SCENE_VIEWS))],
-                     unit * int(rng.integers(-(max_shift // unit), max_shift // unit + 1)), max_shift)
-        for _ in range(n)])
+def _query_points(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n query positions (x, y) uniform over the image, in pixels."""
+    return rng.uniform(0, 1, (n, 2)) * np.array([IMAGE_SIZE[1] - 1, IMAGE_SIZE[0] - 1])
+
+
+def _tracks(query: np.ndarray, moved: np.ndarray, seen: np.ndarray):
+    """Queries of view 0 and where view 1 shows them -> (tracks [2, N, 2], visible [2, N]): visible in view 1
+    where `seen` and inside the image."""
+    inside = seen & (moved >= 0).all(-1) & (moved[:, 0] <= IMAGE_SIZE[1] - 1) & (moved[:, 1] <= IMAGE_SIZE[0] - 1)
+    return np.stack([query, moved]).astype(np.float32), np.stack([np.ones_like(inside), inside])
+
+
+def shift_tracks(rng: np.random.Generator, n: int, shift: int):
+    """Tracks of a shifted pair: view 1 shows view 0's pixel x at x - shift (reflected content is no match)."""
+    query = _query_points(rng, n)
+    return _tracks(query, query - np.array([shift, 0.0]), np.ones(n, dtype=bool))
+
+
+def warp_tracks(rng: np.random.Generator, n: int, intrinsics: np.ndarray, rotation: np.ndarray):
+    """Tracks of a rotated pair: the turned camera shows view 0's pixel p at K R K^-1 p (in front of it)."""
+    query = _query_points(rng, n)
+    rays = np.concatenate([query, np.ones((n, 1))], -1) @ (intrinsics @ rotation @ np.linalg.inv(intrinsics)).T
+    front = rays[:, 2] > 1e-6
+    return _tracks(query, rays[:, :2] / np.where(front, rays[:, 2], 1.0)[:, None], front)
+
+
+def sample_tracks(sample, rng: np.random.Generator, n: int):
+    """Tracks of a rendered two-view make_sample sample (train_tiny.track_targets: projection and occlusion)."""
+    return train_tiny.track_targets(*sample[1:4], *sample[4:6], n, rng)
+
+
+def make_pairs(cache, rng: np.random.Generator, seeds, n: int, max_shift: int, unit: int = 1, track_points: int = 0):
+    """n shifted pairs of random views of `seeds`; shifts are multiples of `unit` px in [-max_shift, max_shift].
+    With `track_points`, each pair also carries that many ground-truth tracks."""
+    pairs = []
+    for _ in range(n):
+        image = cache.get(int(rng.choice(seeds)))[0][int(rng.integers(train_tiny.SCENE_VIEWS))]
+        shift = unit * int(rng.integers(-(max_shift // unit), max_shift // unit + 1))
+        pair = shifted_pair(image, shift, max_shift)
+        pairs.append((*pair, *shift_tracks(rng, track_points, shift)) if track_points else pair)
+    return labelled_batch(pairs)
 
 
 def rotated_pair(image: np.ndarray, intrinsics: np.ndarray, rotation: np.ndarray):
@@ -114,13 +155,15 @@ def draw_rotation(rng: np.random.Generator, max_degrees) -> np.ndarray:
     return Rotation.from_euler("yxz", angles, degrees=True).as_matrix()
 
 
-def warp_pairs(cache, rng: np.random.Generator, seeds, n: int, max_degrees):
+def warp_pairs(cache, rng: np.random.Generator, seeds, n: int, max_degrees, track_points: int = 0):
     """n pure-rotation pairs (rotated_pair) of random views of `seeds`, turns drawn by draw_rotation."""
     pairs = []
     for _ in range(n):
         scene = cache.get(int(rng.choice(seeds)))
         view = int(rng.integers(train_tiny.SCENE_VIEWS))
-        pairs.append(rotated_pair(scene[0][view], scene[3][view], draw_rotation(rng, max_degrees)))
+        rotation = draw_rotation(rng, max_degrees)
+        pair = rotated_pair(scene[0][view], scene[3][view], rotation)
+        pairs.append((*pair, *warp_tracks(rng, track_points, scene[3][view], rotation)) if track_points else pair)
     return labelled_batch(pairs)
 
 
@@ -131,31 +174,43 @@ def draw_step(rng: np.random.Generator, max_step: float) -> np.ndarray:
     return rng.uniform(0, max_step) * direction / np.linalg.norm(direction)
 
 
-def moved_pair(seed: int, scene, view: int, step: np.ndarray):
+def moved_sample(seed: int, scene, view: int, step: np.ndarray):
     """View `view` of training scene `seed` (its cached arrays `scene`) and the view its camera renders after moving
-    by `step` (camera frame, no turn) -> (images [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3]), re-based
-    on the first camera and scale-normalised as train_tiny.make_sample does: extrinsics [I | 0], [I | -step / scale]."""
+    by `step` (camera frame, no turn), as a train_tiny.make_sample sample: re-based on the first camera and
+    scale-normalised, extrinsics [I | 0], [I | -step / scale]."""
     extrinsic, intrinsic = scene[2][view].copy(), scene[3][view]
     extrinsic[:, 3] -= step  # camera centre c' = c + R^T step
     moved = render_views(seed, extrinsic[None], intrinsic[None], IMAGE_SIZE)
     moved_image = (moved.images[0] * 255).round().astype(np.uint8)  # as the scene cache stores views
     two_views = tuple(np.stack([part[view], new]) for part, new in zip(
         scene, (moved_image, moved.depth[0], moved.extrinsics[0].astype(np.float64), intrinsic, moved.valid[0])))
-    images, _, _, _, extrinsics, intrinsics = train_tiny.make_sample(two_views, np.array([0, 1]))
-    return images, extrinsics, intrinsics
+    return train_tiny.make_sample(two_views, np.array([0, 1]))
 
 
-def move_pairs(cache, rng: np.random.Generator, seeds, n: int, max_step: float):
-    """n pure-translation pairs (moved_pair) of random views of `seeds`, steps drawn by draw_step."""
-    pairs = []
+def moved_pair(seed: int, scene, view: int, step: np.ndarray):
+    """moved_sample's (images [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3])."""
+    sample = moved_sample(seed, scene, view, step)
+    return sample[0], sample[4], sample[5]
+
+
+def sample_pairs(samples, rng: np.random.Generator, track_points: int):
+    """Two-view make_sample samples -> labelled_batch, with sample_tracks when `track_points`."""
+    return labelled_batch([(sample[0], sample[4], sample[5],
+                            *(sample_tracks(sample, rng, track_points) if track_points else ()))
+                           for sample in samples])
+
+
+def move_pairs(cache, rng: np.random.Generator, seeds, n: int, max_step: float, track_points: int = 0):
+    """n pure-translation pairs (moved_sample) of random views of `seeds`, steps drawn by draw_step."""
+    samples = []
     for _ in range(n):
         seed = int(rng.choice(seeds))
-        pairs.append(moved_pair(seed, cache.get(seed), int(rng.integers(train_tiny.SCENE_VIEWS)),
-                                draw_step(rng, max_step)))
-    return labelled_batch(pairs)
+        samples.append(moved_sample(seed, cache.get(seed), int(rng.integers(train_tiny.SCENE_VIEWS)),
+                                    draw_step(rng, max_step)))
+    return sample_pairs(samples, rng, track_points)
 
 
-def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int):
+def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int, track_points: int = 0):
     """n pairs of frames (k, k + g) of random clips, g in 1..max_gap, in either order, photometric jitter."""
     samples = []
     for _ in range(n):
@@ -164,11 +219,28 @@ def clip_pairs(cache, rng: np.random.Generator, seeds, n: int, max_gap: int):
         k = int(rng.integers(0, train_tiny.SCENE_VIEWS - gap))
         samples.append(train_tiny.make_sample(scene, np.array([k, k + gap] if rng.random() < 0.5 else [k + gap, k]),
                                               rng))
-    return labelled_batch([(sample[0], sample[4], sample[5]) for sample in samples])
+    return sample_pairs(samples, rng, track_points)
 
 
 def camera_forward(model: VGGT, images: torch.Tensor):
     return model.camera_head(model.aggregator(images)[model.config.depth - 1])
+
+
+def track_forward(model: VGGT, track_head: TrackHead, layers: dict, tracks: torch.Tensor):
+    """The track head on the aggregator's `layers`, queried at view 0's ground-truth positions tracks[:, 0]."""
+    return track_head(layers, *IMAGE_SIZE, model.aggregator.patch_start_idx, tracks[:, 0])
+
+
+@torch.no_grad()
+def track_read_out(model: VGGT, track_head: TrackHead, images: torch.Tensor, pose: torch.Tensor,
+                   tracks: torch.Tensor, visible: torch.Tensor) -> tuple[float, float]:
+    """(mean pixel error of the tracks in view 1 where visible, the same for tracks that stay at their queries)."""
+    model.eval()
+    predicted = track_forward(model, track_head, model.aggregator(images), tracks)[0][-1]
+    model.train()
+    seen = visible[:, 1]
+    return (float((predicted[:, 1] - tracks[:, 1]).norm(dim=-1)[seen].mean()),
+            float((tracks[:, 0] - tracks[:, 1]).norm(dim=-1)[seen].mean()))
 
 
 @torch.no_grad()
@@ -254,6 +326,10 @@ def main(argv=None) -> None:
                    help=f"also train on pure-translation pairs: a view and the view its camera renders after a step "
                         f"of up to MAX_STEP (<= {MAX_STEP}) scene units in any direction, no turn; their batches "
                         f"take turns after the warp batches")
+    p.add_argument("--track-weight", type=float, default=0.0,
+                   help="also train a track head (presets.TINY_TRACKER, training only) with VGGT's tracking loss "
+                        "at this weight (the paper's: 0.05) on every pair's ground-truth tracks")
+    p.add_argument("--track-points", type=int, default=64, help="query points per pair for the tracking loss")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -273,6 +349,9 @@ def main(argv=None) -> None:
     if not 0 <= args.translation_pairs <= MAX_STEP:
         raise SystemExit(f"error: --translation-pairs takes a step in 0..{MAX_STEP} scene units, got "
                          f"{args.translation_pairs:g}")
+    if args.track_weight < 0 or args.track_points < 1:
+        raise SystemExit(f"error: need --track-weight >= 0 and --track-points >= 1, got {args.track_weight:g} and "
+                         f"{args.track_points}")
     if not all(1 <= unit <= args.max_shift < IMAGE_SIZE[1] for unit in args.shift_unit):
         raise SystemExit(f"error: need 1 <= --shift-unit <= --max-shift < {IMAGE_SIZE[1]}, got "
                          f"{','.join(map(str, args.shift_unit))} and {args.max_shift}")
@@ -304,6 +383,15 @@ def main(argv=None) -> None:
     held_out_moves = (move_pairs(cache, np.random.default_rng(7), HELD_OUT_SCENES, 64, args.translation_pairs)
                       if args.translation_pairs else None)
     params = [q for name, q in model.named_parameters() if not name.startswith(("depth_head", "point_head"))]
+    track_points = args.track_points if args.track_weight else 0
+    track_head = None
+    if track_points:
+        cfg = model.config
+        track_head = TrackHead(2 * cfg.embed_dim, cfg.patch_size, cfg.dpt_out_channels, cfg.intermediate_layer_idx,
+                               TINY_TRACKER).train()
+        params += list(track_head.parameters())
+        held_out_tracks = make_pairs(cache, np.random.default_rng(8), HELD_OUT_SCENES, 64, args.max_shift,
+                                     args.shift_unit[-1] if args.shift_unit else 1, track_points)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     schedule = argparse.Namespace(lr=args.lr, warmup=min(50, args.steps), steps=args.steps)
     # Taken in turn, one a step: shift units (int), then "warp", "move" and "clip".
@@ -316,14 +404,18 @@ def main(argv=None) -> None:
             group["lr"] = train_tiny.lr_at(schedule, step)
         turn = step % len(batch_kinds)
         if batch_kinds[turn] == "clip":
-            images, pose = clip_pairs(clip_cache, rng, CLIP_TRAIN_SCENES, args.batch, args.clip_gap)
+            batch = clip_pairs(clip_cache, rng, CLIP_TRAIN_SCENES, args.batch, args.clip_gap, track_points)
         elif batch_kinds[turn] == "warp":
-            images, pose = warp_pairs(cache, rng, TRAIN_SCENES, args.batch, args.rotation_warp)
+            batch = warp_pairs(cache, rng, TRAIN_SCENES, args.batch, args.rotation_warp, track_points)
         elif batch_kinds[turn] == "move":
-            images, pose = move_pairs(cache, rng, TRAIN_SCENES, args.batch, args.translation_pairs)
+            batch = move_pairs(cache, rng, TRAIN_SCENES, args.batch, args.translation_pairs, track_points)
         else:
-            images, pose = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, batch_kinds[turn])
-        loss, _ = train_tiny.camera_loss(camera_forward(model, images), pose)
+            batch = make_pairs(cache, rng, TRAIN_SCENES, args.batch, args.max_shift, batch_kinds[turn], track_points)
+        layers = model.aggregator(batch[0])
+        loss, _ = train_tiny.camera_loss(model.camera_head(layers[model.config.depth - 1]), batch[1])
+        if track_head is not None:
+            tracking, _ = train_tiny.track_loss(*track_forward(model, track_head, layers, batch[2]), *batch[2:])
+            loss = loss + args.track_weight * tracking
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -333,6 +425,9 @@ def main(argv=None) -> None:
             for kind, pairs in held_out.items():
                 ratio, sign = read_out(model, *pairs)
                 reports.append(f"{kind}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
+            if track_head is not None:
+                error, still = track_read_out(model, track_head, *held_out_tracks)
+                reports.append(f"tracks: error {error:.2f} px (not moving: {still:.2f} px)")
             if held_out_moves is not None:
                 false_turn, direction = move_read_out(model, *held_out_moves)
                 reports.append(f"move: predicted turn {false_turn:.2f} deg (none), translation direction error "

@@ -195,6 +195,45 @@ def camera_loss(pose_enc_list, gt, loss_type: str = "l1", gamma: float = 0.6, we
     return total / sum(gamma ** (n - 1 - i) for i in range(n)), parts
 
 
+def track_loss(predictions: list[torch.Tensor], vis_logits: torch.Tensor, conf_logits: torch.Tensor,
+               tracks: torch.Tensor, visible: torch.Tensor, gamma: float = 0.8, conf_px: float = 3.0):
+    """VGGT's tracking loss (as its released training code): L1 of the predicted positions [B, S, N, 2] where the
+    point is visible, over the refinement iterations (weights gamma^(n-1-i), averaged), plus the BCE of the
+    visibility logits and of the confidence logits against "the last position is within conf_px pixels".
+    Every query is a point of view 0, visible there by construction."""
+    n = len(predictions)
+    position = sum(gamma ** (n - 1 - i) * (pred - tracks).abs().mean(-1)[visible].mean()
+                   for i, pred in enumerate(predictions)) / n
+    vis = F.binary_cross_entropy_with_logits(vis_logits, visible.float())
+    close = ((predictions[-1].detach() - tracks).norm(dim=-1) < conf_px).float()
+    conf = F.binary_cross_entropy_with_logits(conf_logits, close)
+    return position + vis + conf, {"track": float(position.detach()), "vis": float(vis.detach()),
+                                   "conf": float(conf.detach())}
+
+
+def track_targets(depth: np.ndarray, world: np.ndarray, valid: np.ndarray, extrinsics: np.ndarray,
+                  intrinsics: np.ndarray, n: int, rng: np.random.Generator, tolerance: float = 0.05):
+    """Ground-truth tracks of a make_sample sample: n query pixels of view 0 with valid depth -> (tracks [S, n, 2]
+    in pixels (x, y), visible [S, n]). View 0's point is projected by every camera; it is visible where it lands
+    inside the image in front of the camera and that view's own depth there (nearest pixel) agrees within
+    `tolerance` (relative), and occluded otherwise."""
+    S, H, W = depth.shape
+    ys, xs = np.nonzero(valid[0])
+    pick = rng.choice(len(xs), n, replace=len(xs) < n)
+    points = world[0][ys[pick], xs[pick]]  # view 0's camera frame is the world frame
+    cam = np.einsum("sij,nj->sni", extrinsics[:, :, :3], points) + extrinsics[:, None, :, 3]
+    z = cam[..., 2]
+    front = z > 1e-6
+    uv = np.einsum("sij,snj->sni", intrinsics, cam)[..., :2] / np.where(front, z, 1.0)[..., None]
+    inside = front & (uv >= 0).all(-1) & (uv[..., 0] <= W - 1) & (uv[..., 1] <= H - 1)
+    px = np.clip(np.rint(uv), 0, [W - 1, H - 1]).astype(int)
+    view = np.arange(S)[:, None]
+    seen = depth[view, px[..., 1], px[..., 0]]
+    visible = inside & valid[view, px[..., 1], px[..., 0]] & (np.abs(seen - z) <= tolerance * z)
+    uv[0], visible[0] = np.stack([xs[pick], ys[pick]], -1), True
+    return uv.astype(np.float32), visible
+
+
 def gradient_loss(err: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean |spatial difference| of the error map along x and y where both pixels are valid: [B,S,H,W,C]."""
     dx = (err[..., :, 1:, :] - err[..., :, :-1, :]).abs().sum(-1)

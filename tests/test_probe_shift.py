@@ -76,9 +76,9 @@ def test_a_list_of_units_alternates_batches_and_reads_each_out(tmp_path, capsys,
     units = []
     original = probe_shift.make_pairs
 
-    def spy(cache, rng, seeds, n, max_shift, unit=1):
+    def spy(cache, rng, seeds, n, max_shift, unit=1, track_points=0):
         units.append((n, unit))
-        return original(cache, rng, seeds, n, max_shift, unit)
+        return original(cache, rng, seeds, n, max_shift, unit, track_points)
 
     monkeypatch.setattr(probe_shift, "make_pairs", spy)
     small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
@@ -273,7 +273,7 @@ def test_translation_batches_take_turns_and_are_read_out(tmp_path, capsys, monke
     calls = []
     original_shift, original_move = probe_shift.make_pairs, probe_shift.move_pairs
     monkeypatch.setattr(probe_shift, "make_pairs", lambda *a: calls.append("shift") or original_shift(*a))
-    monkeypatch.setattr(probe_shift, "move_pairs", lambda *a: calls.append(("move", a[-1])) or original_move(*a))
+    monkeypatch.setattr(probe_shift, "move_pairs", lambda *a: calls.append(("move", a[4])) or original_move(*a))
     small = json.dumps({"depth": 2, "intermediate_layer_idx": [0, 1, 0, 1], "camera_trunk_depth": 1})
     probe_shift.main(["--config", small, "--steps", "3", "--batch", "2", "--eval-every", "3", "--max-shift", "14",
                       "--shift-unit", "14", "--translation-pairs", "0.2", "--cache-dir", str(tmp_path / "cache")])

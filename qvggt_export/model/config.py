@@ -35,7 +35,7 @@ class VGGTConfig:
     dpt_features: int = 256
     dpt_out_channels: tuple[int, ...] = (256, 512, 1024, 1024)
     intermediate_layer_idx: tuple[int, ...] = (4, 11, 17, 23)
-    # Released checkpoints carry track-head weights; they are loaded and saved but never run.
+    # Released checkpoints carry track-head weights; they are loaded and saved, never exported (training runs them).
     carry_track_head: bool = True
     # (H, W) the model is meant to run at (trained at / exported at); empty: square img_size.
     image_size: tuple[int, ...] = ()

@@ -176,13 +176,14 @@ class DPTHead(nn.Module):
             )
 
     def forward(self, layers: dict[int, Tensor], H: int, W: int, patch_start_idx: int,
-                frames_chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """layers: {block index: [B, S, P, C]} -> (values [B, S, H, W, D-1], conf [B, S, H, W]).
+                frames_chunk_size: int | None = None) -> tuple[Tensor, Tensor] | Tensor:
+        """layers: {block index: [B, S, P, C]} -> (values [B, S, H, W, D-1], conf [B, S, H, W]), or with
+        `feature_only` the feature maps alone.
 
         `frames_chunk_size` bounds memory by running that many frames at a time (frames are independent
         here); None runs all at once (the traced/exported form: a loop over a dynamic S does not export)."""
         S = layers[self.intermediate_layer_idx[0]].shape[1]
-        if frames_chunk_size is not None and S > frames_chunk_size:
+        if frames_chunk_size is not None and S > frames_chunk_size and not self.feature_only:
             chunks = [self.forward({i: layers[i][:, s:s + frames_chunk_size] for i in self.intermediate_layer_idx},
                                    H, W, patch_start_idx) for s in range(0, S, frames_chunk_size)]
             return torch.cat([c[0] for c in chunks], dim=1), torch.cat([c[1] for c in chunks], dim=1)
@@ -203,5 +204,7 @@ class DPTHead(nn.Module):
         out = sc.output_conv1(sc.refinenet1(out, l1))
         size = (int(gh * self.patch_size / self.down_ratio), int(gw * self.patch_size / self.down_ratio))
         out = grid_pos_embed(F.interpolate(out.float(), size=size, mode="bilinear", align_corners=True), aspect)
+        if self.feature_only:  # the track head's feature extractor: [B, S, features, H / down, W / down]
+            return out.reshape(B, S, *out.shape[1:])
         values, conf = activate_head(sc.output_conv2(out), self.activation)
         return values.reshape(B, S, *values.shape[1:]), conf.reshape(B, S, *conf.shape[1:])

@@ -9,6 +9,7 @@ so the model can be group-128 quantized exactly like VGGT-1B.
 from __future__ import annotations
 
 from .config import VGGTConfig
+from .track_head import TrackerShape
 
 TINY_CONFIG = dict(
     img_size=112,
@@ -29,6 +30,11 @@ TINY_CONFIG = dict(
 )
 
 PRESETS = {"vggt-tiny": TINY_CONFIG}
+
+# The track head vggt-tiny trains with (scripts: --track-weight; never shipped, the model carries none): the
+# released tracker at the tiny model's scale (features as its DPT heads, 3 pyramid levels fit its 42 x 56 maps).
+TINY_TRACKER = TrackerShape(latent_dim=32, hidden=64, depth=2, heads=4, corr_levels=3, corr_radius=3,
+                            virtual_tracks=16)
 
 
 def tiny_config(**overrides) -> VGGTConfig:

@@ -8,7 +8,7 @@ from ..log import logger
 from .aggregator import Aggregator
 from .config import VGGTConfig
 from .heads import CameraHead, DPTHead
-from .track_weights import TrackHeadWeights
+from .track_head import TrackHead
 
 TRACK_PREFIX = "track_head."
 
@@ -25,7 +25,7 @@ class VGGT(nn.Module):
                    intermediate_layer_idx=cfg.intermediate_layer_idx)
         self.point_head = DPTHead(dim, output_dim=4, activation="inv_log", **dpt)
         self.depth_head = DPTHead(dim, output_dim=2, activation="exp", **dpt)
-        self.track_head = (TrackHeadWeights(dim, cfg.patch_size, cfg.dpt_out_channels)
+        self.track_head = (TrackHead(dim, cfg.patch_size, cfg.dpt_out_channels, cfg.intermediate_layer_idx)
                            if cfg.carry_track_head else None)
 
     def forward(self, images: Tensor) -> dict[str, Tensor | list[Tensor]]:
