@@ -187,12 +187,6 @@ def moved_sample(seed: int, scene, view: int, step: np.ndarray):
     return train_tiny.make_sample(two_views, np.array([0, 1]))
 
 
-def moved_pair(seed: int, scene, view: int, step: np.ndarray):
-    """moved_sample's (images [2, 3, H, W], extrinsics [2, 3, 4], intrinsics [2, 3, 3])."""
-    sample = moved_sample(seed, scene, view, step)
-    return sample[0], sample[4], sample[5]
-
-
 def sample_pairs(samples, rng: np.random.Generator, track_points: int):
     """Two-view make_sample samples -> labelled_batch, with sample_tracks when `track_points`."""
     return labelled_batch([(sample[0], sample[4], sample[5],

@@ -246,7 +246,7 @@ def test_a_moved_pair_is_labelled_with_the_step_its_camera_took(step):
     cached = ((scene.images * 255).round().astype(np.uint8), scene.depth, scene.extrinsics.astype(np.float64),
               scene.intrinsics.astype(np.float64), scene.valid)
     step = np.array(step)
-    images, extrinsics, intrinsics = probe_shift.moved_pair(seed, cached, view, step)
+    images, _, _, _, extrinsics, intrinsics = probe_shift.moved_sample(seed, cached, view, step)
     np.testing.assert_allclose(extrinsics[1, :, :3], np.eye(3), atol=1e-6)
     np.testing.assert_allclose(extrinsics[0], np.eye(3, 4), atol=1e-6)  # float32 cameras
     direction = -extrinsics[1, :, 3] / np.linalg.norm(extrinsics[1, :, 3])
