@@ -181,7 +181,8 @@ class DPTHead(nn.Module):
         `feature_only` the feature maps alone.
 
         `frames_chunk_size` bounds memory by running that many frames at a time (frames are independent
-        here); None runs all at once (the traced/exported form: a loop over a dynamic S does not export)."""
+        here); None runs all at once (the traced/exported form: a loop over a dynamic S does not export). The
+        feature-only form (the track head's, training only) always runs all frames at once."""
         S = layers[self.intermediate_layer_idx[0]].shape[1]
         if frames_chunk_size is not None and S > frames_chunk_size and not self.feature_only:
             chunks = [self.forward({i: layers[i][:, s:s + frames_chunk_size] for i in self.intermediate_layer_idx},
