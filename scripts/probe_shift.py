@@ -113,11 +113,6 @@ def warp_tracks(rng: np.random.Generator, n: int, intrinsics: np.ndarray, rotati
     return _tracks(query, rays[:, :2] / np.where(front, rays[:, 2], 1.0)[:, None], front)
 
 
-def sample_tracks(sample, rng: np.random.Generator, n: int):
-    """Tracks of a rendered two-view make_sample sample (train_tiny.track_targets: projection and occlusion)."""
-    return train_tiny.track_targets(*sample[1:4], *sample[4:6], n, rng)
-
-
 def make_pairs(cache, rng: np.random.Generator, seeds, n: int, max_shift: int, unit: int = 1, track_points: int = 0):
     """n shifted pairs of random views of `seeds`; shifts are multiples of `unit` px in [-max_shift, max_shift].
     With `track_points`, each pair also carries that many ground-truth tracks."""
@@ -188,9 +183,10 @@ def moved_sample(seed: int, scene, view: int, step: np.ndarray):
 
 
 def sample_pairs(samples, rng: np.random.Generator, track_points: int):
-    """Two-view make_sample samples -> labelled_batch, with sample_tracks when `track_points`."""
+    """Two-view make_sample samples -> labelled_batch, with that many ground-truth tracks of each
+    (train_tiny.track_targets: projection and occlusion) when `track_points`."""
     return labelled_batch([(sample[0], sample[4], sample[5],
-                            *(sample_tracks(sample, rng, track_points) if track_points else ()))
+                            *(train_tiny.track_targets(*sample[1:], track_points, rng) if track_points else ()))
                            for sample in samples])
 
 
@@ -226,8 +222,8 @@ def track_forward(model: VGGT, track_head: TrackHead, layers: dict, tracks: torc
 
 
 @torch.no_grad()
-def track_read_out(model: VGGT, track_head: TrackHead, images: torch.Tensor, pose: torch.Tensor,
-                   tracks: torch.Tensor, visible: torch.Tensor) -> tuple[float, float]:
+def track_read_out(model: VGGT, track_head: TrackHead, images: torch.Tensor, tracks: torch.Tensor,
+                   visible: torch.Tensor) -> tuple[float, float]:
     """(mean pixel error of the tracks in view 1 where visible, the same for tracks that stay at their queries)."""
     model.eval()
     predicted = track_forward(model, track_head, model.aggregator(images), tracks)[0][-1]
@@ -420,7 +416,7 @@ def main(argv=None) -> None:
                 ratio, sign = read_out(model, *pairs)
                 reports.append(f"{kind}: rotation L1 / identity's {ratio:.3f} yaw sign accuracy {sign:.2f}")
             if track_head is not None:
-                error, still = track_read_out(model, track_head, *held_out_tracks)
+                error, still = track_read_out(model, track_head, held_out_tracks[0], *held_out_tracks[2:])
                 reports.append(f"tracks: error {error:.2f} px (not moving: {still:.2f} px)")
             if held_out_moves is not None:
                 false_turn, direction = move_read_out(model, *held_out_moves)
