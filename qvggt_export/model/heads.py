@@ -204,7 +204,10 @@ class DPTHead(nn.Module):
         out = sc.refinenet2(out, l2, size=l1.shape[2:])
         out = sc.output_conv1(sc.refinenet1(out, l1))
         size = (int(gh * self.patch_size / self.down_ratio), int(gw * self.patch_size / self.down_ratio))
-        out = grid_pos_embed(F.interpolate(out.float(), size=size, mode="bilinear", align_corners=True), aspect)
+        # Upsampled in fp32 (half-precision bilinear is missing or slow on some CPUs) and cast back, so a
+        # half-precision head feeds its half-precision output convolution.
+        out = F.interpolate(out.float(), size=size, mode="bilinear", align_corners=True).to(out.dtype)
+        out = grid_pos_embed(out, aspect)
         if self.feature_only:  # the track head's feature extractor: [B, S, features, H / down, W / down]
             return out.reshape(B, S, *out.shape[1:])
         values, conf = activate_head(sc.output_conv2(out), self.activation)

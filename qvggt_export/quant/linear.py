@@ -85,6 +85,15 @@ class QuantLinear(nn.Module):
             q.input_scale.copy_(input_scale.detach().float())
         return q.to(linear.weight.device)
 
+    def _apply(self, fn, recurse=True):
+        # The fp16 scales are part of the packed format: a cast of the model (`.to(torch.bfloat16)`,
+        # `.float()`) moves them to the new device but never re-rounds them; forward dequantizes into
+        # the input's dtype.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.qweight.device)
+        return self
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return unpack_weight(self.qweight, self.scales, self.bits, self.group_size, dtype)
 
