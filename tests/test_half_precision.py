@@ -101,3 +101,20 @@ def test_quantizer_forwards_in_half_precision(dtype):
     error32 = max(relative_errors(preds32, fp).values())
     error16 = max(relative_errors(preds16, fp).values())
     assert error16 <= 1.5 * error32 + 1e-3, (error16, error32)
+
+
+@HALVES
+def test_kernel_linear_model_in_half_precision(dtype):
+    """The GPU path's modules (KernelLinear, here on its CPU emulation) keep the fp16 the kernel reads."""
+    from qvggt_export.kernels.linear import KernelLinear, install_kernel_linears
+
+    torch.manual_seed(2)
+    images = torch.rand(1, 2, 3, 28, 518)
+    model = tiny_quantized_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.bits == 4]
+    full = predictions(install_kernel_linears(tiny_quantized_model(), names), images, torch.float32)
+    half_model = install_kernel_linears(model, names).to(dtype)
+    kernels = [m for m in half_model.modules() if isinstance(m, KernelLinear)]
+    assert kernels and all(m.scales.dtype == m.bias.dtype == torch.float16 for m in kernels)
+    errors = relative_errors(predictions(half_model, images, dtype), full)
+    assert max(errors.values()) <= REL_TOL[dtype], errors

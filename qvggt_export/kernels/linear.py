@@ -13,13 +13,16 @@ from torch import Tensor, nn
 
 from qvggt_export.kernels import binding
 from qvggt_export.kernels.layout import dequantize_kernel_layout, kernel_weight_shape, to_kernel_layout
+from qvggt_export.quant.linear import PackedFormatModule
 from qvggt_export.quant.pack import GROUP_SIZE, pack_weight
 
 
-class KernelLinear(nn.Module):
+class KernelLinear(PackedFormatModule):
     """y = (x * input_scale) · dequant(W)ᵀ + bias with W in kernel_v1 (int8 [N/8, K/128, 512]).
 
     Buffers: weight, scales fp16 [K/128, N], bias fp16 [N] or None, input_scale [K] or None."""
+
+    packed_buffers = ("scales", "bias")  # the fp16 the kernel reads, whatever the model is cast to
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, has_input_scale: bool = False):
         super().__init__()

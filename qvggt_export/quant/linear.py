@@ -41,12 +41,31 @@ class PrescaledLinear(nn.Linear):
         return F.linear(x * self.input_scale.to(x.dtype), self.weight, self.bias)
 
 
-class QuantLinear(nn.Module):
+class PackedFormatModule(nn.Module):
+    """A module whose `packed_buffers` belong to a packed weight format: casting the model (`.half()`,
+    `.to(torch.bfloat16)`, `.float()`) moves them to the new device but never changes their dtype, so
+    fp16 scales are not re-rounded to bf16 and kernels get the dtypes they read."""
+
+    packed_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.packed_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in kept.items():
+            # fn moves integer tensors without casting them: it tells the target device.
+            device = fn(torch.empty(0, dtype=torch.uint8, device=buffer.device)).device
+            self._buffers[name] = buffer.to(device)
+        return self
+
+
+class QuantLinear(PackedFormatModule):
     """Weight-only quantized linear (W4A16 / W8A16, symmetric, groups along the input dimension).
 
     Buffers: qweight (bits 4: uint8 [N, K // 2], bits 8: int8 [N, K]), scales fp16 [N, K // group_size],
     bias fp32 [N] or None, input_scale fp32 [K] or None (multiplied into the input before the matmul).
     """
+
+    packed_buffers = ("scales",)
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = GROUP_SIZE,
                  bias: bool = True, has_input_scale: bool = False, name: str = "") -> None:
@@ -84,15 +103,6 @@ class QuantLinear(nn.Module):
         if input_scale is not None:
             q.input_scale.copy_(input_scale.detach().float())
         return q.to(linear.weight.device)
-
-    def _apply(self, fn, recurse=True):
-        # The fp16 scales are part of the packed format: a cast of the model (`.to(torch.bfloat16)`,
-        # `.float()`) moves them to the new device but never re-rounds them; forward dequantizes into
-        # the input's dtype.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        self.scales = scales.to(self.qweight.device)
-        return self
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return unpack_weight(self.qweight, self.scales, self.bits, self.group_size, dtype)
