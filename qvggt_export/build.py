@@ -17,6 +17,8 @@ from . import __version__
 from .errors import InputError, QVGGTError
 from .io import sha256_file, sha256_json, write_json
 from .log import logger
+from .report import REPORT_NAME
+from .visualize import DEFAULT_CONF_PERCENTILE
 
 STAGES_DIR = ".stages"
 
@@ -115,8 +117,10 @@ def build(config: BuildConfig) -> dict:
     """Runs the pipeline; returns the summary (also written to OUT/summary.json)."""
     from .export.lower import lowered_path, write_lowering
     from .export.onnx_export import export_onnx
+    from .compare import file_bytes
     from .export.spec import ExportConfig
     from .model import load_model
+    from .model.summary import checkpoint_summary
 
     config.check()
     source, source_sha = _source_hash(config.checkpoint)
@@ -156,6 +160,7 @@ def build(config: BuildConfig) -> dict:
         model_source, model_sha = qpath, sha256_file(qpath)
     else:
         model_source, model_sha = source, source_sha
+    model_fp = None  # quantized in place by now: the report loads the checkpoint afresh
     deployed = load_model(str(model_source))
     image_size = config.image_size or deployed.config.default_image_size
     export_config = ExportConfig(precision=config.precision, image_size=tuple(image_size),
@@ -171,14 +176,24 @@ def build(config: BuildConfig) -> dict:
                    lambda out=out, target=target: write_lowering(onnx_path, target, out))
         lowered[target] = out
     candidate = lowered.get("qdq") or lowered.get("ort") or onnx_path
-    compare_path = root / "compare.json"
+    compare_path, report_path = root / "compare.json", root / REPORT_NAME
+    files = {p.name: file_bytes(p) for p in [*([qpath] if quantized else []), onnx_path, *lowered.values()]}
+    part_bytes = checkpoint_summary(str(model_source))["deployable_bytes"]
+    sensitivity = calib_dir / "sensitivity.json"
+    # report.html is drawn by the compare stage from its run: a lost report reruns the stage.
+    report_inputs = {"full_precision": source_sha, "files": files, "conf_percentile": DEFAULT_CONF_PERCENTILE,
+                     "sensitivity": sha256_file(sensitivity) if quantized and sensitivity.is_file() else None,
+                     "qvggt_export": __version__}
     stages.run("compare", {"candidate": sha256_file(candidate), "reference": model_sha,
-                           "scenes": config.compare_scenes, "frames": config.compare_frames}, [compare_path],
-               lambda: _compare(candidate, deployed, image_size, config, compare_path))
+                           "scenes": config.compare_scenes, "frames": config.compare_frames,
+                           "report": report_inputs}, [compare_path, report_path],
+               lambda: _compare(candidate, deployed, source if quantized else None, image_size, config, compare_path,
+                                {"files": files, "part_bytes": part_bytes, "part_bytes_source": f" of {model_source.name}",
+                                 "plan": getattr(deployed, "quant_plan", None),
+                                 "sensitivity_png": calib_dir / "sensitivity.png" if quantized else None}))
     compare_report = json.loads(compare_path.read_text())
     engine = _engine_stage(stages, candidate, config)
-    summary = _summary(root, config, stages, [qpath] if quantized else [], onnx_path, lowered, compare_report, engine,
-                       model_source)
+    summary = _summary(root, config, stages, files, compare_report, engine, part_bytes, report_path)
     write_json(root / "summary.json", summary)
     return summary
 
@@ -201,15 +216,32 @@ def _quantize(model_fp, calib, qconfig, calib_dir: Path, qpath: Path, writer: bo
         reports[0].progress.clear()
 
 
-def _compare(candidate: Path, reference, image_size, config: BuildConfig, out: Path) -> None:
-    from .compare import CompareConfig, compare, synthetic_inputs
-    from .export import spec
+def _compare(candidate: Path, reference, fp_source: Path | None, image_size, config: BuildConfig, out: Path,
+             context: dict) -> None:
+    """compare.json and report.html. The report draws the full-precision model (`fp_source`; None: the
+    reference is full precision already) against the candidate, on the compare run's inputs."""
+    import torch
 
+    from .compare import CompareConfig, compare, synthetic_inputs, write_reports
+    from .export import spec
+    from .inference import run_model
+    from .model import load_model
+
+    inputs = synthetic_inputs(tuple(image_size), config.compare_scenes, config.compare_frames)
+    outputs = []
     # The deployed graph has fp16 activations: its tolerance is the fp16 one of the export spec.
-    report = compare(candidate, reference, synthetic_inputs(tuple(image_size), config.compare_scenes,
-                                                            config.compare_frames),
-                     CompareConfig(rel_tol=dict(spec.REL_TOL["fp16"]), error_stat="max"))
-    write_json(out, report)
+    report = compare(candidate, reference, inputs, CompareConfig(rel_tol=dict(spec.REL_TOL["fp16"]), error_stat="max"),
+                     outputs_out=outputs)
+    fp_outputs, labels = None, ("full precision (PyTorch)", f"{config.precision} ({candidate.name})")
+    if fp_source is not None:
+        fp = load_model(str(fp_source))
+        fp_outputs = []
+        for feed in inputs:
+            preds = run_model(fp, torch.from_numpy(feed[spec.INPUT_NAME][0]))
+            fp_outputs.append({name: preds[name][None] for name in spec.OUTPUT_NAMES})
+        del fp
+    write_reports(out, report, inputs, outputs, labels, fp_outputs,
+                  title=f"qvggt-export build: {out.parent.name}", **context)
 
 
 def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
@@ -228,19 +260,14 @@ def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
     return {"built": True, "path": str(engine_path), "backend": backend, "bytes": engine_path.stat().st_size}
 
 
-def _summary(root, config, stages, quant_files, onnx_path, lowered, compare_report, engine, deployed_source) -> dict:
-    from .model.summary import checkpoint_summary, format_deployable_bytes
+def _summary(root, config, stages, files, compare_report, engine, part_bytes, report_path) -> dict:
+    from .model.summary import format_deployable_bytes
 
-    def size(p: Path) -> int:
-        data = p.with_name(p.name + ".data")
-        return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-    files = {p.name: size(p) for p in [*quant_files, onnx_path, *lowered.values()]}
     summary = {"out": str(root), "config": asdict(config), "stages": stages.ran, "files": files,
                "compare": {"passed": compare_report["passed"], "candidate": compare_report["candidate"],
                            "worst_relative_error": max(max(s["relative_error"].values())
                                                       for s in compare_report["scenes"])},
-               "engine": engine, "deployable_bytes": checkpoint_summary(str(deployed_source))["deployable_bytes"]}
+               "engine": engine, "deployable_bytes": part_bytes, "report": str(report_path)}
     logger.info("build summary (%s):", root)
     for stage, status in stages.ran.items():
         logger.info("  %-22s %s", stage, status)
@@ -252,4 +279,5 @@ def _summary(root, config, stages, quant_files, onnx_path, lowered, compare_repo
     logger.info("  compare                %s (worst relative error %.2e)",
                 "PASSED" if compare_report["passed"] else "FAILED", summary["compare"]["worst_relative_error"])
     logger.info("  engine                 %s", engine.get("path") or f"not built: {engine['reason']}")
+    logger.info("  report                 %s", report_path)
     return summary

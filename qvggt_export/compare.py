@@ -160,9 +160,27 @@ def _geometry_failures(report: dict[str, float], config: CompareConfig) -> list[
     return failures
 
 
-def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: CompareConfig = CompareConfig()) -> dict:
+def _polygraphy_outputs(accuracy, atol: dict[str, float]) -> dict[str, dict]:
+    """Polygraphy's verdict and error statistics per output, over all scenes. `accuracy`: what
+    Comparator.compare_accuracy returns, one AccuracyResult (runner pair -> iterations) or, from Polygraphy
+    0.50 on, a list of them (one per comparison function)."""
+    results = [accuracy] if hasattr(accuracy, "values") else list(accuracy)
+    iterations = [it for result in results for pair in result.values() for it in pair]
+    per_output = {}
+    for name in spec.OUTPUT_NAMES:
+        results = [it[name] for it in iterations if name in it]
+        if results:
+            per_output[name] = {"passed": all(bool(r) for r in results), "atol": atol.get(name),
+                                "max_absdiff": max(r.max_absdiff for r in results),
+                                "mean_absdiff": float(np.mean([r.mean_absdiff for r in results]))}
+    return per_output
+
+
+def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: CompareConfig = CompareConfig(),
+            outputs_out: list | None = None) -> dict:
     """Runs both on `inputs`; returns a JSON-able report with `passed` (Polygraphy accuracy and the
-    geometry thresholds)."""
+    geometry thresholds). `outputs_out`, when given, receives per scene {"candidate": outputs,
+    "reference": outputs} (the graphs' arrays, batch of one), what report.html draws."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
@@ -179,6 +197,7 @@ def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: C
     accuracy = Comparator.compare_accuracy(
         results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat=config.error_stat))
     polygraphy_passed = bool(accuracy)
+    per_output = _polygraphy_outputs(accuracy, atol)
     scenes = []
     for i, (cand, ref) in enumerate(zip(results[0][1], ref_iters)):
         cand = {k: np.asarray(cand[k]) for k in spec.OUTPUT_NAMES}
@@ -186,12 +205,14 @@ def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: C
         geometry = geometry_report(cand, ref)
         scenes.append({"scene": i, "relative_error": relative_errors(cand, ref), "geometry": geometry,
                        "geometry_failures": _geometry_failures(geometry, config)})
+        if outputs_out is not None:
+            outputs_out.append({"candidate": cand, "reference": ref})
     geometry_passed = not any(s["geometry_failures"] for s in scenes)
     report = {"candidate": str(candidate) if isinstance(candidate, (str, Path)) else "pytorch",
               "reference": str(reference) if isinstance(reference, (str, Path)) else "pytorch",
               "polygraphy_passed": polygraphy_passed, "geometry_passed": geometry_passed,
               "passed": polygraphy_passed and geometry_passed, "atol": atol, "error_stat": config.error_stat,
-              "scenes": scenes}
+              "polygraphy_outputs": per_output, "scenes": scenes}
     for s in scenes:
         g = s["geometry"]
         logger.info("scene %d: max rel err %.2e | rot %.3f deg, trans %.3f deg, AUC@30 %.1f, depth AbsRel %.4f, "
@@ -200,3 +221,63 @@ def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: C
     logger.info("compare %s: Polygraphy %s, geometry %s", "PASSED" if report["passed"] else "FAILED",
                 "passed" if polygraphy_passed else "failed", "passed" if geometry_passed else "failed")
     return report
+
+
+def write_reports(json_path: str | Path, result: dict, inputs: list[dict[str, np.ndarray]], outputs: list[dict],
+                  labels: tuple[str, str], fp_outputs: list[dict] | None = None, **context) -> tuple[Path, Path]:
+    """compare.json at `json_path` and report.html beside it (report.REPORT_NAME).
+
+    `outputs`: what `compare(..., outputs_out=)` collected. `fp_outputs`: per scene, the full-precision
+    model's outputs (graph form, batch of one) on the same inputs, drawn in place of the run's reference
+    and measured against the candidate in a table of its own (`build`, whose reference is the quantized
+    PyTorch model). `context`: report.ReportData's optional fields (plan, sensitivity_png, part_bytes, files)."""
+    from .inference import graph_predictions
+    from .io import write_json
+    from .report import REPORT_NAME, ReportData, ReportScene, write_report
+
+    json_path = Path(json_path)
+    drawn = fp_outputs if fp_outputs is not None else [o["reference"] for o in outputs]
+    scenes = [ReportScene(images=feed[spec.INPUT_NAME][0], reference=graph_predictions(ref),
+                          candidate=graph_predictions(o["candidate"]))
+              for feed, ref, o in zip(inputs, drawn, outputs)]
+    drawn_geometry = None if fp_outputs is None else [geometry_report(o["candidate"], fp)
+                                                      for o, fp in zip(outputs, fp_outputs)]
+    html_path = write_report(json_path.with_name(REPORT_NAME),
+                             ReportData(compare=result, scenes=scenes, labels=labels, drawn_geometry=drawn_geometry,
+                                        **context))
+    write_json(json_path, result)
+    return json_path, html_path
+
+
+def report_context(candidate: str | Path, reference, reference_name: str, checkpoint: str | None) -> dict:
+    """write_reports' labels and context for a standalone `compare`: the plan (the PyTorch reference's or
+    the candidate's ONNX metadata), weight bytes of the reference checkpoint, the candidate's file size."""
+    import json
+
+    candidate = Path(candidate)
+    labels = {"torch": "full precision (PyTorch)", "torch-quantized": "quantized (PyTorch)"}
+    context = {"labels": (labels.get(reference_name, Path(reference_name).name), candidate.name),
+               "sensitivity_note": "not available: a standalone compare has no calibration folder (`build` "
+                                   "draws calib/sensitivity.png here)",
+               "files": {candidate.name: file_bytes(candidate)}}
+    plan = getattr(reference, "quant_plan", None)
+    if plan is None and candidate.suffix == ".onnx":
+        from .export.onnx_io import load_onnx
+
+        meta = spec.model_metadata(load_onnx(candidate, load_external_data=False))
+        plan = json.loads(meta[spec.META_PLAN]) if spec.META_PLAN in meta else None
+    context["plan"] = plan
+    if not isinstance(reference, (str, Path)):
+        from .model.checkpoint import DEFAULT_MODEL
+        from .model.summary import checkpoint_summary
+
+        source = checkpoint or DEFAULT_MODEL
+        context["part_bytes"] = checkpoint_summary(source)["deployable_bytes"]
+        context["part_bytes_source"] = f" of {source}"
+    return context
+
+
+def file_bytes(path: Path) -> int:
+    """A model file with its external data (NAME.data), if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

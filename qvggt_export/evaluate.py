@@ -24,6 +24,7 @@ from .metrics import (
     pose_metrics_from_errors,
     relative_pose_errors,
 )
+from .visualize import ReconstructionOutputs
 
 PredictFn = Callable[[torch.Tensor], dict]
 
@@ -99,14 +100,19 @@ def evaluate(
     progress: bool = True,
     device: str = "cpu",
     image_size: tuple[int, int] | None = None,
+    reconstruction: ReconstructionOutputs | None = None,
 ) -> dict:
     """Per-scene metrics and their aggregate (JSON-serialisable; missing values are None).
+
+    `reconstruction`: also a PLY / GLB per scene (visualize.scene_path: FILE-SCENE.ply).
 
     Pose AUC pools the pairs of each group (a CO3D category; the whole dataset otherwise) and averages
     the groups, as the released evaluation; the other metrics are means over scenes.
     """
     from tqdm import tqdm
 
+    if reconstruction:
+        reconstruction.check()
     predict = as_predict_fn(model_or_predict_fn, device)
     reader = dataset_name if isinstance(dataset_name, DatasetReader) else open_dataset(
         dataset_name, root, frames, seed, max_scenes, image_size
@@ -116,6 +122,8 @@ def evaluate(
         start = time.perf_counter()
         preds = predict(sequence.images)
         seconds = time.perf_counter() - start
+        if reconstruction:
+            reconstruction.write(preds, sequence.images, name=sequence.name)
         report = {"name": sequence.name, "group": sequence.group, "frames": int(sequence.images.shape[0]),
                   "seconds": seconds}
         for key in ("depth_conf", "world_points_conf"):

@@ -22,3 +22,16 @@ def run_model(model: torch.nn.Module, images: torch.Tensor, device: str | torch.
     out["extrinsic"] = np.asarray(extrinsic[0], dtype=np.float32)
     out["intrinsic"] = np.asarray(intrinsic[0], dtype=np.float32)
     return out
+
+
+def graph_predictions(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An exported graph's outputs (batch of one) -> `run_model`'s dict: batch dim removed, extrinsic and
+    intrinsic decoded from pose_enc at the depth maps' size."""
+    from .geometry import pose_encoding_to_extri_intri
+
+    preds = {k: np.asarray(v)[0] for k, v in raw.items()}
+    extrinsic, intrinsic = pose_encoding_to_extri_intri(torch.from_numpy(np.asarray(raw["pose_enc"])).float(),
+                                                        preds["depth"].shape[1:3])
+    preds["extrinsic"] = np.asarray(extrinsic[0], dtype=np.float32)
+    preds["intrinsic"] = np.asarray(intrinsic[0], dtype=np.float32)
+    return preds

@@ -10,6 +10,7 @@ import numpy as np
 from .errors import InputError
 from .io import atomic_output
 from .log import logger
+from .visualize import ReconstructionOutputs
 
 
 def save_predictions(path: str | Path, predictions: dict[str, np.ndarray]) -> None:
@@ -41,13 +42,17 @@ def _run(model, images, device: str) -> dict[str, np.ndarray]:
 
 
 def predict_images(paths, checkpoint: str | None, mode: str, out: str | Path, device: str = "cpu",
-                   image_size: tuple[int, int] | None = None) -> dict:
-    """`image_size` (H, W) overrides the model's native input size (data.images.native_size)."""
+                   image_size: tuple[int, int] | None = None,
+                   reconstruction: ReconstructionOutputs | None = None) -> dict:
+    """`image_size` (H, W) overrides the model's native input size (data.images.native_size);
+    `reconstruction`: also a PLY / GLB of the scene."""
     from .data.images import image_size as read_image_size
     from .data.images import load_and_preprocess_images, native_size
 
     if Path(out).suffix != ".npz":
         raise InputError(f"output must be an .npz file, got {out}")
+    reconstruction = reconstruction or ReconstructionOutputs()
+    reconstruction.check()
     for path in paths:  # a bad file fails before the (slow) model load
         read_image_size(path)
     model = _load(checkpoint, device)
@@ -56,6 +61,7 @@ def predict_images(paths, checkpoint: str | None, mode: str, out: str | Path, de
     logger.info("preprocessed %d images to %dx%d (%s)", images.shape[0], images.shape[-2], images.shape[-1], mode)
     preds = _run(model, images, device)
     save_predictions(out, preds)
+    reconstruction.write(preds, images)
     return preds
 
 
@@ -73,7 +79,8 @@ def parse_scene(spec: str) -> tuple[int, str]:
 
 
 def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size: str | None,
-                      out: str | Path, device: str = "cpu") -> list[str]:
+                      out: str | Path, device: str = "cpu",
+                      reconstruction: ReconstructionOutputs | None = None) -> list[str]:
     """Predicts a rendered scene, saves predictions and ground truth, returns a short error report."""
     import torch
 
@@ -84,6 +91,8 @@ def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size:
 
     if Path(out).suffix != ".npz":
         raise InputError(f"output must be an .npz file, got {out}")
+    reconstruction = reconstruction or ReconstructionOutputs()
+    reconstruction.check()
     seed, trajectory = parse_scene(spec)
     model = _load(checkpoint, device)
     size = parse_image_size(image_size) if image_size else model.config.default_image_size
@@ -93,6 +102,7 @@ def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size:
     save_predictions(out, {**preds, "gt_extrinsic": scene.extrinsics, "gt_intrinsic": scene.intrinsics,
                            "gt_depth": scene.depth, "gt_world_points": scene.world_points, "gt_valid": scene.valid,
                            "images": scene.images})
+    reconstruction.write(preds, scene.images)
     # What predicting every camera at the first one scores: the bar a pose estimate has to clear.
     identity = camera_pose_metrics(np.tile(np.eye(3, 4), (views, 1, 1)), scene.extrinsics)
     return [f"synthetic scene {seed} ({trajectory} cameras): {views} views at {size[0]}x{size[1]}"] + [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import check_device, main
-from .model_cmds import CHECKPOINT_HELP
+from .model_cmds import CHECKPOINT_HELP, reconstruction_options
 
 # Mirrors qvggt_export.data.readers.DATASETS (kept here so that --help does not import torch).
 DATASET_CHOICES = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k", "7scenes", "nrgbd")
@@ -26,15 +26,20 @@ DATASET_CHOICES = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k"
                    "default: the model's native size, VGGT-1B: the released 518-wide rule).")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the full results as JSON here.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu or cuda.")
-def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size, json_path, device) -> None:
+@reconstruction_options(per_scene=True)
+def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size, json_path, device, ply, glb,
+                 conf_percentile) -> None:
     """Evaluate a model: camera pose AUC, depth and point-map errors, per scene and overall."""
     from ..data.readers import open_dataset
     from ..evaluate import evaluate, format_report
     from ..io import write_json
     from ..model import load_model
     from ..export.spec import parse_image_size
+    from ..visualize import ReconstructionOutputs
 
-    # The dataset is checked before the (slow) model load so that a wrong --root fails at once.
+    # The dataset and the outputs are checked before the (slow) model load so that a wrong --root fails at once.
+    reconstruction = ReconstructionOutputs(ply, glb, conf_percentile)
+    reconstruction.check()
     size = parse_image_size(image_size) if image_size else None
     reader = open_dataset(dataset, root, frames, seed, max_scenes, size)
     model = load_model(checkpoint, device=device)
@@ -45,7 +50,8 @@ def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size
         from ..data.images import native_size
 
         reader.image_size = native_size(model.config)
-    result = evaluate(model, reader, root=root, frames=frames, seed=seed, device=device)
+    result = evaluate(model, reader, root=root, frames=frames, seed=seed, device=device,
+                      reconstruction=reconstruction)
     result["checkpoint"] = checkpoint or "default"
     click.echo(format_report(result))
     if json_path:

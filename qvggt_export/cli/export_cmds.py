@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import check_device, main
-from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES
+from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES, reconstruction_options
 from .quant_cmds import FAST_HELP, device_options, scope_option
 
 
@@ -91,16 +91,17 @@ def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, 
 @click.option("--min-auc30", default=90.0, show_default=True, type=click.FloatRange(0, 100))
 @click.option("--max-depth-abs-rel", default=0.02, show_default=True, type=NON_NEGATIVE)
 @click.option("--max-point-error", default=0.02, show_default=True, type=NON_NEGATIVE, help="Mean point error / mean point norm.")
-@click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="Write the JSON report here, and report.html (pictures and tables, one self-contained page) "
+                   "beside it.")
 def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_tol, error_stat, max_rotation_deg,
                 max_translation_deg, min_auc30, max_depth_abs_rel, max_point_error, report):
     """Polygraphy comparison of CANDIDATE (.onnx or .engine) with a reference, plus a geometry report.
 
     Exit code 0 when every output is within tolerance and the geometry thresholds hold, 1 otherwise."""
-    from ..compare import CompareConfig, compare, image_inputs, synthetic_inputs
+    from ..compare import CompareConfig, compare, image_inputs, report_context, synthetic_inputs, write_reports
     from ..errors import InputError
     from ..export import spec
-    from ..io import write_json
 
     config = CompareConfig(rel_tol=dict.fromkeys(spec.OUTPUT_NAMES, rel_tol), error_stat=error_stat,
                            max_rotation_deg=max_rotation_deg, max_translation_deg=max_translation_deg,
@@ -108,15 +109,20 @@ def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_to
     from pathlib import Path
 
     from ..export.infer import recorded_size
+    from ..visualize import check_writable
+
+    if report:  # before the models run
+        check_writable(report)
 
     image_size = recorded_size(Path(candidate))
     if image_size is None:
         raise InputError(f"{candidate} does not record its image size (not exported by qvggt-export?)")
     ref = _reference(reference, checkpoint)
     inputs = image_inputs(images, image_size) if images else synthetic_inputs(image_size, scenes, frames)
-    result = compare(candidate, ref, inputs, config)
+    outputs = []
+    result = compare(candidate, ref, inputs, config, outputs_out=outputs)
     if report:
-        write_json(report, result)
+        write_reports(report, result, inputs, outputs, **report_context(candidate, ref, reference, checkpoint))
     click.echo(f"compare {'PASSED' if result['passed'] else 'FAILED'}")
     sys.exit(0 if result["passed"] else 1)
 
@@ -213,14 +219,17 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, 
               help="Preprocess to this size (default: the size MODEL was exported at).")
 @click.option("--plugin-library", default=None, type=click.Path(),
               help="C++ W4A16 plugin (libqvggt_plugins.so) for engines that use it (default: the Python plugin).")
-def infer_cmd(model, images, out, mode, image_size, plugin_library):
+@reconstruction_options()
+def infer_cmd(model, images, out, mode, image_size, plugin_library, ply, glb, conf_percentile):
     """Run MODEL (.onnx in ONNX Runtime, or a TensorRT / TensorRT-RTX .engine) on IMAGES (views of one
     scene), preprocessed to MODEL's input size; writes the same predictions as `predict` (extrinsic and
     intrinsic included)."""
     from ..export.infer import infer
     from ..export.spec import parse_image_size
+    from ..visualize import ReconstructionOutputs
 
-    infer(model, images, out, mode, plugin_library, parse_image_size(image_size) if image_size else None)
+    infer(model, images, out, mode, plugin_library, parse_image_size(image_size) if image_size else None,
+          ReconstructionOutputs(ply, glb, conf_percentile))
     click.echo(f"wrote {out}")
 
 

@@ -11,6 +11,29 @@ CHECKPOINT_SOURCES = (".safetensors/.pt file, a folder holding one, an embedded 
 CHECKPOINT_HELP = "Checkpoint (full precision or quantized): " + CHECKPOINT_SOURCES
 
 
+def reconstruction_options(per_scene: bool = False):
+    """--ply, --glb, --conf-percentile (predict, infer, eval): visualize.ReconstructionOutputs's fields."""
+    from ..visualize import DEFAULT_CONF_PERCENTILE  # light: no numpy or torch at start-up
+
+    each = " One file per scene: FILE's name + '-SCENE'." if per_scene else ""
+
+    def decorate(fn):
+        fn = click.option("--conf-percentile", default=DEFAULT_CONF_PERCENTILE, show_default=True,
+                          type=click.FloatRange(0, 100, max_open=True),
+                          help="--ply/--glb keep the points whose depth confidence is at least this percentile of "
+                               "the scene's (0: all), as the released demo.")(fn)
+        fn = click.option("--glb", default=None, type=click.Path(dir_okay=False),
+                          help="Also write the points and one frustum per predicted camera as a GLB scene (needs "
+                               "the viz extra)." + each)(fn)
+        fn = click.option("--ply", default=None, type=click.Path(dir_okay=False),
+                          help="Also write the reconstruction as a coloured point cloud (.ply): depth unprojected "
+                               "through the predicted cameras, in the first camera's frame (needs the viz "
+                               "extra)." + each)(fn)
+        return fn
+
+    return decorate
+
+
 @main.command()
 @click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -52,20 +75,24 @@ def info(checkpoint: str, as_json: bool) -> None:
               help="Preprocessing of IMAGES, as the released code.")
 @click.option("--out", "-o", default="preds.npz", show_default=True, type=click.Path(), help="Output .npz.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu or cuda.")
-def predict(images, checkpoint, scene, views, image_size, mode, out, device) -> None:
+@reconstruction_options()
+def predict(images, checkpoint, scene, views, image_size, mode, out, device, ply, glb, conf_percentile) -> None:
     """Run the model on IMAGES (views of one scene) and write its predictions to an .npz.
 
     Writes pose_enc, extrinsic, intrinsic, depth, depth_conf, world_points, world_points_conf
-    (OpenCV camera-from-world extrinsics; the first view is the world frame).
+    (OpenCV camera-from-world extrinsics; the first view is the world frame); --ply / --glb also write
+    the reconstruction for 3D viewers.
     """
     from ..predict import predict_images, predict_synthetic
+    from ..visualize import ReconstructionOutputs
 
+    reconstruction = ReconstructionOutputs(ply, glb, conf_percentile)
     if scene and images:
         raise click.UsageError("give IMAGES or --scene, not both")
     if not scene and not images:
         raise click.UsageError("no images given (pass image files, or --scene synthetic:SEED)")
     if scene:
-        report = predict_synthetic(scene, checkpoint, views, image_size, out, device)
+        report = predict_synthetic(scene, checkpoint, views, image_size, out, device, reconstruction)
         for line in report:
             click.echo(line)
     else:
@@ -73,5 +100,5 @@ def predict(images, checkpoint, scene, views, image_size, mode, out, device) -> 
         from ..export.spec import parse_image_size
 
         size = check_size(parse_image_size(image_size)) if image_size else None
-        predict_images(images, checkpoint, mode, out, device, size)
+        predict_images(images, checkpoint, mode, out, device, size, reconstruction)
     click.echo(f"wrote {out}")

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InputError, QVGGTError
 from ..log import logger
+from ..visualize import ReconstructionOutputs
 from . import spec
 
 
@@ -93,13 +94,12 @@ def run_engine(path: Path, images: np.ndarray, plugin_library: str | None = None
 
 
 def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop",
-          plugin_library: str | None = None, image_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+          plugin_library: str | None = None, image_size: tuple[int, int] | None = None,
+          reconstruction: ReconstructionOutputs | None = None) -> dict[str, np.ndarray]:
     """Views preprocessed to the model's recorded input size (`image_size` overrides it), as `predict`
-    does for a checkpoint's native size."""
-    import torch
-
+    does for a checkpoint's native size; `reconstruction`: also a PLY / GLB of the scene."""
     from ..data.images import load_and_preprocess_images
-    from ..geometry import pose_encoding_to_extri_intri
+    from ..inference import graph_predictions
     from ..predict import save_predictions
 
     model = Path(model)
@@ -109,15 +109,15 @@ def infer(model: str | Path, image_paths, out: str | Path, mode: str = "crop",
         raise InputError(f"model not found: {model}")
     if Path(out).suffix != ".npz":
         raise InputError(f"output must be an .npz file, got {out}")
+    reconstruction = reconstruction or ReconstructionOutputs()
+    reconstruction.check()
     images = load_and_preprocess_images([str(p) for p in image_paths], mode=mode,
                                         size=image_size or recorded_size(model)).numpy()
     start = time.perf_counter()
     raw = run_onnx(model, images) if model.suffix == ".onnx" else run_engine(model, images, plugin_library)
     logger.info("%d views of %dx%d through %s in %.2f s", images.shape[0], images.shape[-2], images.shape[-1],
                 model.name, time.perf_counter() - start)
-    preds = {k: v[0] for k, v in raw.items()}  # batch dim removed, as `predict`
-    extrinsic, intrinsic = pose_encoding_to_extri_intri(torch.from_numpy(raw["pose_enc"]), images.shape[-2:])
-    preds["extrinsic"] = np.asarray(extrinsic[0], dtype=np.float32)
-    preds["intrinsic"] = np.asarray(intrinsic[0], dtype=np.float32)
+    preds = graph_predictions(raw)  # batch dim removed, cameras decoded, as `predict`
     save_predictions(out, preds)
+    reconstruction.write(preds, images)
     return preds
