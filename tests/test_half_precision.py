@@ -118,3 +118,20 @@ def test_kernel_linear_model_in_half_precision(dtype):
     assert kernels and all(m.scales.dtype == m.bias.dtype == torch.float16 for m in kernels)
     errors = relative_errors(predictions(half_model, images, dtype), full)
     assert max(errors.values()) <= REL_TOL[dtype], errors
+
+
+@HALVES
+def test_dinov2_encoder_model_in_half_precision(dtype):
+    """The released architecture's DINOv2 patch embedding (interpolated position embedding, non-square)."""
+    from qvggt_export.model import VGGT, VGGTConfig
+
+    config = VGGTConfig(img_size=56, embed_dim=128, depth=2, num_heads=2, camera_num_heads=2, camera_trunk_depth=1,
+                        dpt_features=16, dpt_out_channels=(8, 16, 32, 32), intermediate_layer_idx=(0, 0, 1, 1),
+                        carry_track_head=False, dinov2_depth=2, dinov2_num_heads=2)
+    torch.manual_seed(3)
+    model = VGGT(config).eval()
+    images = torch.rand(1, 2, 3, 56, 70)
+    full = predictions(model, images, torch.float32)
+    half = predictions(model, images, dtype)
+    errors = relative_errors(half, full)
+    assert max(errors.values()) <= REL_TOL[dtype], errors
