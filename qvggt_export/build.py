@@ -179,18 +179,21 @@ def build(config: BuildConfig) -> dict:
     compare_path, report_path = root / "compare.json", root / REPORT_NAME
     files = {p.name: file_bytes(p) for p in [*([qpath] if quantized else []), onnx_path, *lowered.values()]}
     part_bytes = checkpoint_summary(str(model_source))["deployable_bytes"]
-    sensitivity = calib_dir / "sensitivity.json"
+    figure = calib_dir / "sensitivity.png"
+    report_context = {"files": files, "part_bytes": part_bytes, "part_bytes_source": f" of {model_source.name}",
+                      "plan": getattr(deployed, "quant_plan", None), "reference_name": f"PyTorch, {model_source.name}",
+                      "sensitivity_png": figure if quantized and figure.is_file() else None,
+                      "sensitivity_note": f"not available: no {figure}" + ("" if quantized else
+                                                                           " (an fp16 build calibrates nothing)")}
     # report.html is drawn by the compare stage from its run: a lost report reruns the stage.
     report_inputs = {"full_precision": source_sha, "files": files, "conf_percentile": DEFAULT_CONF_PERCENTILE,
-                     "sensitivity": sha256_file(sensitivity) if quantized and sensitivity.is_file() else None,
+                     "sensitivity": sha256_file(figure) if report_context["sensitivity_png"] else None,
                      "qvggt_export": __version__}
     stages.run("compare", {"candidate": sha256_file(candidate), "reference": model_sha,
                            "scenes": config.compare_scenes, "frames": config.compare_frames,
                            "report": report_inputs}, [compare_path, report_path],
                lambda: _compare(candidate, deployed, source if quantized else None, image_size, config, compare_path,
-                                {"files": files, "part_bytes": part_bytes, "part_bytes_source": f" of {model_source.name}",
-                                 "plan": getattr(deployed, "quant_plan", None),
-                                 "sensitivity_png": calib_dir / "sensitivity.png" if quantized else None}))
+                                report_context))
     compare_report = json.loads(compare_path.read_text())
     engine = _engine_stage(stages, candidate, config)
     summary = _summary(root, config, stages, files, compare_report, engine, part_bytes, report_path)

@@ -254,9 +254,12 @@ def report_context(candidate: str | Path, reference, reference_name: str, checkp
     the candidate's ONNX metadata), weight bytes of the reference checkpoint, the candidate's file size."""
     import json
 
-    candidate = Path(candidate)
+    from .model.checkpoint import DEFAULT_MODEL
+
+    candidate, source = Path(candidate), checkpoint or DEFAULT_MODEL
     labels = {"torch": "full precision (PyTorch)", "torch-quantized": "quantized (PyTorch)"}
     context = {"labels": (labels.get(reference_name, Path(reference_name).name), candidate.name),
+               "reference_name": f"{labels[reference_name]}, {source}" if reference_name in labels else reference_name,
                "sensitivity_note": "not available: a standalone compare has no calibration folder (`build` "
                                    "draws calib/sensitivity.png here)",
                "files": {candidate.name: file_bytes(candidate)}}
@@ -268,10 +271,8 @@ def report_context(candidate: str | Path, reference, reference_name: str, checkp
         plan = json.loads(meta[spec.META_PLAN]) if spec.META_PLAN in meta else None
     context["plan"] = plan
     if not isinstance(reference, (str, Path)):
-        from .model.checkpoint import DEFAULT_MODEL
         from .model.summary import checkpoint_summary
 
-        source = checkpoint or DEFAULT_MODEL
         context["part_bytes"] = checkpoint_summary(source)["deployable_bytes"]
         context["part_bytes_source"] = f" of {source}"
     return context

@@ -52,6 +52,7 @@ class ReportData:
     compare: dict  # compare.json's content
     scenes: list[ReportScene]
     labels: tuple[str, str]  # (reference, candidate) as drawn
+    reference_name: str | None = None  # compare.json's reference in words (its "reference" says "pytorch")
     title: str = "qvggt-export compare report"
     sensitivity_png: Path | None = None
     sensitivity_note: str = "not available"
@@ -79,7 +80,7 @@ def _number(value) -> str:
         return "yes" if value else "no"
     if isinstance(value, int):
         return str(value)
-    return f"{value:.6g}"
+    return f"{value:.4g}"
 
 
 def _table(table_id: str, header: list[str], rows: list[list], name_columns: int = 1) -> str:
@@ -148,7 +149,8 @@ def _errors_section(data: ReportData) -> str:
     result = data.compare
     parts = ["<h2>Pose and geometry errors</h2>",
              f"<p>compare.json: {html.escape(Path(str(result['candidate'])).name)} measured against "
-             f"{html.escape(Path(str(result['reference'])).name)} (the reference's predictions taken as ground "
+             f"{html.escape(data.reference_name or Path(str(result['reference'])).name)} (the reference's "
+             f"predictions taken as ground "
              f"truth). Geometry {_verdict(result['geometry_passed'])}.</p>",
              _geometry_table("pose-errors", result["scenes"])]
     if data.drawn_geometry is not None:
@@ -197,7 +199,7 @@ def render_html(data: ReportData) -> str:
     body = [
         f"<h1>{html.escape(data.title)}</h1>",
         f"<p>Candidate <b>{html.escape(str(result['candidate']))}</b> against reference "
-        f"<b>{html.escape(str(result['reference']))}</b>: {_verdict(result['passed'])} "
+        f"<b>{html.escape(data.reference_name or str(result['reference']))}</b>: {_verdict(result['passed'])} "
         f"(Polygraphy {_verdict(result['polygraphy_passed'])}, geometry {_verdict(result['geometry_passed'])}). "
         f"Pictures: {html.escape(data.labels[0])} vs {html.escape(data.labels[1])}.</p>",
         _plan_section(data),

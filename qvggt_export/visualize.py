@@ -319,11 +319,12 @@ def top_view_figure(clouds: tuple[Cloud, Cloud], labels: tuple[str, str], max_po
     figure, axis = plt.subplots(figsize=(6.4, 5.6))
     rng = np.random.default_rng(0)
     depth = clouds[0].frustum_depth()
-    for cloud, label, color, marker in zip(clouds, labels, ("tab:blue", "tab:orange"), ("-", "--")):
+    # The reference in larger dots under the candidate: where the clouds agree, blue rims orange dots.
+    for cloud, label, color, marker, size in zip(clouds, labels, ("tab:blue", "tab:orange"), ("-", "--"), (2.5, 0.8)):
         points = cloud.points
         if len(points) > max_points:
             points = points[rng.choice(len(points), max_points, replace=False)]
-        axis.scatter(points[:, 0], points[:, 2], s=1, alpha=0.25, color=color, linewidths=0,
+        axis.scatter(points[:, 0], points[:, 2], s=size, alpha=0.3, color=color, linewidths=0,
                      label=f"{label} ({len(cloud.points)} points)")
         for i, lines in enumerate(frustum_segments(cloud.extrinsic, cloud.intrinsic, cloud.image_size, depth)):
             for start, end in lines:

@@ -168,14 +168,14 @@ def _check_pose_table(page, result):
     assert [r[0] for r in rows[1:]] == [f"scene {s['scene']}" for s in result["scenes"]]
     for row, scene in zip(rows[1:], result["scenes"]):
         for cell, (key, _) in zip(row[1:], GEOMETRY_COLUMNS):
-            assert float(cell) == pytest.approx(scene["geometry"][key], rel=1e-5, abs=1e-9), key
+            assert float(cell) == pytest.approx(scene["geometry"][key], rel=1e-3, abs=1e-9), key
 
 
 def _check_polygraphy_table(page, result):
     rows = {r[0]: r for r in page.tables["polygraphy"][1:]}
     assert set(rows) == set(result["atol"])
     for name, row in rows.items():
-        assert float(row[1]) == pytest.approx(result["atol"][name], rel=1e-5)
+        assert float(row[1]) == pytest.approx(result["atol"][name], rel=1e-3)
         assert row[-1] == ("yes" if result["polygraphy_outputs"][name]["passed"] else "no")
 
 
@@ -198,7 +198,7 @@ def test_compare_and_infer_on_an_exported_model(tmp_path_factory, tmp_path):
     plan = dict(page.tables["plan"][1:])
     assert plan["protected blocks (fp16)"] == ", ".join(model.quant_plan["protected_blocks"])
     assert "sizes" in page.tables and float(page.tables["files"][1][1]) == pytest.approx(
-        onnx_path.stat().st_size / 1e6, rel=1e-5)
+        onnx_path.stat().st_size / 1e6, rel=1e-3)
 
     rng = np.random.default_rng(0)
     views = []
@@ -233,9 +233,9 @@ def test_build_report_is_a_compare_stage_output(tmp_path):
     _check_pose_table(page, result)
     _check_polygraphy_table(page, result)
     sizes = {r[0]: r for r in page.tables["sizes"][1:]}
-    assert float(sizes["total"][1]) == pytest.approx(first["deployable_bytes"]["total"]["deployed"] / 1e6, rel=1e-5)
+    assert float(sizes["total"][1]) == pytest.approx(first["deployable_bytes"]["total"]["deployed"] / 1e6, rel=1e-3)
     files = dict(page.tables["files"][1:])
-    assert float(files["model.onnx"]) == pytest.approx(first["files"]["model.onnx"] / 1e6, rel=1e-5)
+    assert float(files["model.onnx"]) == pytest.approx(first["files"]["model.onnx"] / 1e6, rel=1e-3)
 
     report.unlink()
     second = build(config)
@@ -272,5 +272,5 @@ def test_build_report_draws_full_precision_against_the_deployed_model(tmp_path):
     assert page.images[0] == figure.read_bytes() and len(page.images) == 3
     drawn = geometry_report(outputs[0]["candidate"], fp_outputs[0])
     row = page.tables["drawn-errors"][1]
-    assert float(row[1]) == pytest.approx(drawn["rotation_error_deg"], rel=1e-5)
+    assert float(row[1]) == pytest.approx(drawn["rotation_error_deg"], rel=1e-3)
     assert drawn["rotation_error_deg"] > 1e-2 > result["scenes"][0]["geometry"]["rotation_error_deg"]
