@@ -47,9 +47,7 @@ def graphs(tmp_path_factory) -> dict[str, Path]:
             validate=False))
     paths = dict(sources)
     for name, path in sources.items():
-        if name == "fp32":
-            continue
-        targets = ("ort", "qdq", "plugin") if name == "w4a16" else ("ort", "qdq")
+        targets = ("ort",) if name == "fp32" else ("ort", "qdq", "plugin") if name == "w4a16" else ("ort", "qdq")
         for target in targets:
             paths[f"{name}.{target}"] = out / f"{name}.{target}.onnx"
             onnx.save(lower(load_onnx(path), target), paths[f"{name}.{target}"])
@@ -73,7 +71,7 @@ def float64_uses(model: onnx.ModelProto) -> list[str]:
 
 
 def test_no_graph_holds_float64(graphs):
-    assert len(graphs) == 11
+    assert len(graphs) == 12
     for name, path in graphs.items():
         assert float64_uses(load_onnx(path)) == [], name
 
@@ -116,6 +114,61 @@ def test_every_runnable_graph_gives_the_same_outputs_in_the_minimum_onnxruntime(
             # fp16 graphs: kernels of different ORT versions round differently.
             tolerance = 1e-5 if name.startswith("fp32") or "fp32act" in name else 2e-3
             assert float(np.abs(old - value).max()) / span <= tolerance, (name, output)
+
+
+def softmax_attentions(model: onnx.ModelProto) -> list[dict]:
+    """Each Softmax with what feeds and takes it: the two MatMuls, their input dtypes, the scales on Q and K."""
+    model = onnx.shape_inference.infer_shapes(model)
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    found = []
+    for softmax in (n for n in graph.node if n.op_type == "Softmax"):
+        first, after = producer.get(softmax.input[0]), consumers.get(softmax.output[0], [])
+        operands = [producer.get(i) for i in first.input] if first is not None else []
+        found.append({
+            "first": first.op_type if first is not None else None,
+            "second": [n.op_type for n in after],
+            "matmul_dtypes": ([dtypes.get(i) for i in first.input] if first is not None else [])
+                             + [dtypes.get(i) for n in after for i in n.input],
+            "scaled_operands": sum(op is not None and op.op_type == "Mul" and any(i in constants for i in op.input)
+                                   for op in operands)})
+    return found
+
+
+def test_tensorrt_graphs_keep_every_attention_in_the_fusable_form(graphs):
+    """TensorRT fuses MatMul -> Softmax -> MatMul into its MHA kernels only with fp16 on both MatMuls, the
+    scale already on Q / K, and nothing (no Cast) between them: every fp16 graph for TensorRT keeps that."""
+    for name in ("w4a16", "w4a16.qdq", "w4a16.plugin"):
+        attentions = softmax_attentions(load_onnx(graphs[name]))
+        assert len(attentions) == 2 + 2 + 4, name  # 2 frame, 2 global blocks; the trunk block x 4 iterations
+        for attention in attentions:
+            assert attention["first"] == "MatMul" and attention["second"] == ["MatMul"], (name, attention)
+            assert set(attention["matmul_dtypes"]) == {onnx.TensorProto.FLOAT16}, (name, attention)
+            assert attention["scaled_operands"] >= 1, (name, attention)
+
+
+def test_ort_graphs_run_every_attention_as_multi_head_attention(graphs):
+    """No MatMul -> Softmax -> MatMul is left for ONNX Runtime to materialise, and the fused graph gives the
+    decomposed one's outputs: fp32 within 1e-5 of each output's range, fp16 within 2e-3."""
+    images = np.random.default_rng(5).random((1, 3, 3, *IMAGE_SIZE), dtype=np.float32)
+    for name in ("fp32", "w4a16-fp32act", "w4a16", "w8a16"):
+        source = load_onnx(graphs[name])
+        fused, decomposed = lower(source, "ort"), lower(source, "ort", fuse_attention=False)
+        ops = [n.op_type for n in fused.graph.node]
+        assert "Softmax" not in ops, name
+        assert ops.count("MultiHeadAttention") == [n.op_type for n in decomposed.graph.node].count("Softmax") > 0
+        got = ort_session(fused).run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        want = ort_session(decomposed).run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        tolerance = 1e-5 if name in ("fp32", "w4a16-fp32act") else 2e-3
+        for output, a, b in zip(OUTPUT_NAMES, got, want):
+            span = float(b.max() - b.min()) or 1.0
+            assert float(np.abs(a - b).max()) / span <= tolerance, (name, output)
 
 
 def test_plugin_target_refuses_w8a16_layers(graphs):

@@ -1,7 +1,9 @@
 """Lowerings of `qvggt::W4A16MatMul` nodes with onnx-graphsurgeon, each checked by onnx.checker and
 shape inference.
 
-  ort     com.microsoft MatMulNBits (accuracy_level 0: fp activations, as the node means)
+  ort     com.microsoft MatMulNBits (accuracy_level 0: fp activations, as the node means), and every
+          attention as com.microsoft MultiHeadAttention (flash / memory-efficient kernels: memory linear
+          in the tokens, where MatMul -> Softmax -> MatMul materialises heads x tokens^2 scores)
   qdq     standard INT4/INT8 DequantizeLinear(axis 0, block_size 128) on a [K, N] weight + MatMul
           (+ Add bias): the pattern TensorRT 10 and ModelOpt use, and that ORT fuses itself
   plugin  the custom nodes as they are, with the weight in the TensorRT plugin's kernel layout
@@ -150,8 +152,72 @@ def _to_plugin(graph, node, cache: dict) -> None:
     node.attrs["layout"] = KERNEL_LAYOUT
 
 
-def lower(model, target: str, check: bool = True):
-    """ModelProto with custom nodes -> ModelProto for `target` (metadata kept, lowering recorded)."""
+def _scalar_factor(tensor) -> tuple[object, float]:
+    """(x, c) when `tensor` is x * c with c a constant scalar, else (tensor, 1.0)."""
+    import onnx_graphsurgeon as gs
+
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is not None and producer.op == "Mul" and len(tensor.outputs) == 1:
+        for x, c in (producer.inputs, producer.inputs[::-1]):
+            if isinstance(c, gs.Constant) and c.values.size == 1:
+                return x, float(c.values.reshape(-1)[0])
+    return tensor, 1.0
+
+
+def attention_patterns(graph) -> list[tuple]:
+    """Every attention the exporter wrote out, MatMul(Q * a, K^T * b) -> Softmax(last axis) -> MatMul(., V) with
+    Q, V [B, heads, tokens, head_dim] and K^T [B, heads, head_dim, tokens], as (nodes, q, k_t, v, scale, heads)."""
+    found = []
+    for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
+        scores, probabilities = softmax.inputs[0], softmax.outputs[0]
+        if softmax.attrs.get("axis", -1) not in (-1, 3) or len(scores.inputs) != 1 or len(scores.outputs) != 1:
+            continue
+        first, consumers = scores.inputs[0], probabilities.outputs
+        if first.op != "MatMul" or len(consumers) != 1 or consumers[0].op != "MatMul" \
+                or consumers[0].inputs[0] is not probabilities:
+            continue
+        (q, a), (k_t, b), v = _scalar_factor(first.inputs[0]), _scalar_factor(first.inputs[1]), consumers[0].inputs[1]
+        if q.shape is None or len(q.shape) != 4 or not isinstance(q.shape[1], int):
+            continue
+        found.append(((first, softmax, consumers[0]), q, k_t, v, a * b, q.shape[1]))
+    return found
+
+
+def _to_multi_head_attention(graph, pattern) -> None:
+    """One attention as com.microsoft MultiHeadAttention on [B, tokens, heads * head_dim] inputs (the layout
+    whose CPU and CUDA kernels are flash / memory-efficient), reshaped back to [B, heads, tokens, head_dim]."""
+    import onnx_graphsurgeon as gs
+
+    (first, softmax, second), q, k_t, v, scale, heads = pattern
+    name, dtype = softmax.name or softmax.outputs[0].name, second.outputs[0].dtype
+    flat = gs.Constant(f"{name}.flat_heads", np.array([0, 0, -1], dtype=np.int64))
+
+    def tokens_major(x, perm, tag):
+        split = graph.layer(op="Transpose", name=f"{name}.{tag}_bsnh", inputs=[x], attrs={"perm": perm},
+                            outputs=[gs.Variable(f"{name}.{tag}_bsnh", dtype=dtype)])[0]
+        return split, graph.layer(op="Reshape", name=f"{name}.{tag}_bsd", inputs=[split, flat],
+                                  outputs=[gs.Variable(f"{name}.{tag}_bsd", dtype=dtype)])[0]
+
+    q_split, q_flat = tokens_major(q, [0, 2, 1, 3], "q")
+    _, k_flat = tokens_major(k_t, [0, 3, 1, 2], "k")  # K^T [B, H, d, N] -> [B, N, H, d]
+    _, v_flat = tokens_major(v, [0, 2, 1, 3], "v")
+    out = graph.layer(op="MultiHeadAttention", domain="com.microsoft", name=f"{name}.mha",
+                      inputs=[q_flat, k_flat, v_flat], attrs={"num_heads": int(heads), "scale": float(scale)},
+                      outputs=[gs.Variable(f"{name}.mha", dtype=dtype)])[0]
+    shape = graph.layer(op="Shape", name=f"{name}.bsnh_shape", inputs=[q_split],
+                        outputs=[gs.Variable(f"{name}.bsnh_shape", dtype=np.int64)])[0]
+    split = graph.layer(op="Reshape", name=f"{name}.out_bsnh", inputs=[out, shape],
+                        outputs=[gs.Variable(f"{name}.out_bsnh", dtype=dtype)])[0]
+    result = list(second.outputs)
+    second.outputs.clear()  # the decomposed attention is now dead: cleanup() removes it
+    graph.layer(op="Transpose", name=f"{name}.out", inputs=[split], attrs={"perm": [0, 2, 1, 3]}, outputs=result)
+
+
+def lower(model, target: str, check: bool = True, fuse_attention: bool = True):
+    """ModelProto with custom nodes -> ModelProto for `target` (metadata kept, lowering recorded).
+
+    `fuse_attention` (the `ort` target only): every attention as MultiHeadAttention; False keeps the
+    exported MatMul -> Softmax -> MatMul (what `bench` compares against)."""
     import onnx
     import onnx_graphsurgeon as gs
 
@@ -165,13 +231,16 @@ def lower(model, target: str, check: bool = True):
         rewrite(graph, node, cache)
         if target != "plugin":
             node.outputs.clear()  # detached: cleanup() removes it and its now unused initializers
+    attentions = attention_patterns(graph) if target == "ort" and fuse_attention else []
+    for pattern in attentions:
+        _to_multi_head_attention(graph, pattern)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     keep_domain = target == "plugin" and nodes
     # graphsurgeon adds the imports of the domains it sees but keeps stale ones (docs/extending.md).
     imports = {o.domain: o.version for o in out.opset_import
                if o.domain != custom_op.DOMAIN or keep_domain}
-    if target == "ort" and nodes:
+    if target == "ort" and (nodes or attentions):
         imports["com.microsoft"] = 1
     del out.opset_import[:]
     out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
@@ -184,7 +253,7 @@ def lower(model, target: str, check: bool = True):
         out.metadata_props.add(key=key, value=value)
     if check:
         check_model(out)
-    logger.debug("lowered %d custom nodes to %s", len(nodes), target)
+    logger.debug("lowered %d custom nodes and %d attentions to %s", len(nodes), len(attentions), target)
     return out
 
 
