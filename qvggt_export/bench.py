@@ -1,9 +1,12 @@
-"""`qvggt-export bench`: latency and peak memory of PyTorch and ONNX Runtime, fp32 vs w4a16, measured in
-one run on this machine and printed as ratios.
+"""`qvggt-export bench`: latency and peak memory per number of views, PyTorch and ONNX Runtime, full precision
+vs W4A16, measured in one run on this machine and printed as ratios.
 
-Each case (runtime x precision) runs in its own process, so its peak RSS is its own. ONNX Runtime gets
-fp32 activations on the CPU (its fp16 CPU kernels are few); the W4A16 graph is the `ort` lowering
-(MatMulNBits, accuracy_level 0: the weights are 4-bit, the arithmetic is the activations' dtype).
+Every case (runtime x form) runs each frame count S in a process of its own, so each peak RSS is that case's
+at that S alone; the RSS once the model is loaded (before the first forward) is recorded too, so the memory
+above the weights can be followed as S grows. ONNX Runtime gets fp32 activations on the CPU (its fp16 CPU
+kernels are few) and the `ort` lowering (MatMulNBits at accuracy_level 0, MultiHeadAttention);
+`w4a16-unfused` is the same graph with every attention left as MatMul -> Softmax -> MatMul, i.e. what every
+graph was before attention was fused.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ import numpy as np
 from .io import sha256_file
 from .log import logger
 
-CASES = (("pytorch", "fp32"), ("pytorch", "w4a16"), ("onnxruntime", "fp32"), ("onnxruntime", "w4a16"))
+# (runtime, form): the model each runs and how.
+CASES = (("pytorch", "fp32"), ("pytorch", "bf16"), ("pytorch", "w4a16"),
+         ("onnxruntime", "fp32"), ("onnxruntime", "w4a16"), ("onnxruntime", "w4a16-unfused"))
+# ONNX graph per ONNX Runtime form: (exported precision, attention fused into MultiHeadAttention).
+ORT_GRAPHS = {"fp32": ("fp32", True), "w4a16": ("w4a16", True), "w4a16-unfused": ("w4a16", False)}
 
 
 @dataclass
 class BenchConfig:
     checkpoint: str | None = None
     quantized: str | None = None
+    random_depth: int | None = None  # instead of a checkpoint: VGGT-1B widths, this many blocks, random weights
     frames: tuple[int, ...] = (1, 2, 8)
     image_size: tuple[int, int] | None = None
     runs: int = 3
@@ -51,42 +59,58 @@ def _rtn_quantized(model):
     return q.eval()
 
 
+def _full_precision(config: BenchConfig):
+    import torch
+
+    from .model import VGGT, load_model
+    from .model.presets import vggt1b_shallow_config
+
+    if config.random_depth is None:
+        return load_model(config.checkpoint)
+    torch.manual_seed(0)
+    return VGGT(vggt1b_shallow_config(config.random_depth)).eval()
+
+
 def _prepare(config: BenchConfig) -> dict:
-    """Checkpoints and ONNX files for the four cases (ONNX reused when the model hash matches)."""
-    from .export.lower import write_lowering
+    """Checkpoints and ONNX files for the cases (ONNX reused when the model hash and settings match)."""
+    from .export.lower import lower
     from .export.onnx_export import export_onnx
+    from .export.onnx_io import load_onnx, save_proto
     from .export.spec import ExportConfig
-    from .model import load_model
-    from .model import save_quantized, save_vggt
+    from .io import write_json
+    from .model import load_model, save_quantized, save_vggt
 
     work = Path(config.workdir)
-    fp = load_model(config.checkpoint)
+    fp = _full_precision(config)
     q = load_model(config.quantized) if config.quantized else _rtn_quantized(fp)
     size = tuple(config.image_size or fp.config.default_image_size)
-    fp_ckpt, q_ckpt = work / "fp32.safetensors", work / "w4a16.safetensors"
-    save_vggt(fp, fp_ckpt)
-    save_quantized(q, q_ckpt)
-    paths = {}
-    for precision, model, ckpt in (("fp32", fp, fp_ckpt), ("w4a16", q, q_ckpt)):
+    checkpoints = {"fp32": work / "fp32.safetensors", "w4a16": work / "w4a16.safetensors"}
+    save_vggt(fp, checkpoints["fp32"])
+    save_quantized(q, checkpoints["w4a16"])
+    exported = {}
+    for precision, model in (("fp32", fp), ("w4a16", q)):
         onnx_path = work / f"{precision}.onnx"
         export = ExportConfig(precision=precision, activations="fp32", image_size=size, min_frames=1,
                               opt_frames=min(config.frames), max_frames=max(config.frames))
         stamp = work / f"{precision}.onnx.json"
-        key = {"model": sha256_file(ckpt), "export": export.to_dict()}
+        key = {"model": sha256_file(checkpoints[precision]), "export": export.to_dict()}
         if not (onnx_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key):
             export_onnx(model, onnx_path, export)
-            if precision == "w4a16":
-                write_lowering(onnx_path, "ort", onnx_path)  # the runnable form replaces the custom-node one
-            from .io import write_json
-
             write_json(stamp, key)
-        paths[precision] = {"checkpoint": str(ckpt), "onnx": str(onnx_path)}
-    return {"paths": paths, "image_size": list(size)}
+        exported[precision] = onnx_path
+    paths = {"pytorch": {"fp32": checkpoints["fp32"], "bf16": checkpoints["fp32"], "w4a16": checkpoints["w4a16"]},
+             "onnxruntime": {}}
+    for form, (precision, fused) in ORT_GRAPHS.items():
+        out = work / f"{form}.ort.onnx"
+        save_proto(lower(load_onnx(exported[precision]), "ort", fuse_attention=fused), out)
+        paths["onnxruntime"][form] = out
+    return {"paths": {r: {f: str(p) for f, p in forms.items()} for r, forms in paths.items()},
+            "image_size": list(size)}
 
 
-def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs: int, threads, device: str,
+def _measure(runtime: str, form: str, path: str, frames: int, image_size, runs: int, threads, device: str,
              queue) -> None:
-    """Child process: one case at every frame count; reports latencies and its peak RSS."""
+    """Child process: one case at one frame count; reports its latency, its RSS once loaded and its peak."""
     import torch
 
     from .export import spec
@@ -98,7 +122,8 @@ def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs
         from .export.onnx_export import GraphModule
         from .model import load_model
 
-        module = GraphModule(load_model(paths[precision]["checkpoint"], device), torch.float32).eval()
+        dtype = torch.bfloat16 if form == "bf16" else torch.float32
+        module = GraphModule(load_model(path, device).to(dtype), dtype).eval()
         on_gpu = torch.device(device).type == "cuda"
 
         def run(x):
@@ -109,31 +134,30 @@ def _measure(runtime: str, precision: str, paths: dict, frames, image_size, runs
     else:
         from .export.runtime import ort_session
 
-        session = ort_session(paths[precision]["onnx"], threads=threads)
+        session = ort_session(path, threads=threads)
 
         def run(x):
             session.run(None, {spec.INPUT_NAME: x})
-    latencies = {}
-    for s in frames:
-        x = random_images(s, tuple(image_size), seed=s)
-        run(x)  # warm-up
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - start)
-        latencies[s] = float(np.median(times))
-    result = {"latency_s": latencies, "peak_rss_mb": _peak_rss_mb()}
+    x = random_images(frames, tuple(image_size), seed=frames)
+    loaded_mb = rss_mb("VmRSS")
+    run(x)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - start)
+    result = {"latency_s": float(np.median(times)), "loaded_rss_mb": loaded_mb, "peak_rss_mb": rss_mb("VmHWM")}
     if runtime == "pytorch" and torch.device(device).type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     queue.put(result)
 
 
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS. ru_maxrss would not do: Linux carries it over from the parent
-    through fork + exec, so every spawned case would report the parent's peak."""
+def rss_mb(field: str) -> float:
+    """This process's current (VmRSS) or peak (VmHWM) resident memory. ru_maxrss would not do for the peak:
+    Linux carries it over from the parent through fork + exec, so every spawned case would report the
+    parent's peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs (macOS): best effort
 
@@ -142,30 +166,60 @@ def bench(config: BenchConfig) -> dict:
     prepared = _prepare(config)
     ctx = multiprocessing.get_context("spawn")
     results = {}
-    for runtime, precision in CASES:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(runtime, precision, prepared["paths"], config.frames,
-                                                  prepared["image_size"], config.runs, config.threads, config.device,
-                                                  queue))
-        proc.start()
-        result = queue.get()
-        proc.join()
-        results[f"{runtime}/{precision}"] = result
-        logger.info("%s %s: %s, peak RSS %.0f MB", runtime, precision,
-                    ", ".join(f"S={s} {t * 1e3:.1f} ms" for s, t in result["latency_s"].items()), result["peak_rss_mb"])
-    files = {p: Path(v["onnx"]).stat().st_size for p, v in prepared["paths"].items()}
-    quantized_part = _quantized_part_bytes(prepared["paths"]["w4a16"]["onnx"])
-    ratios = {}
-    for runtime in ("pytorch", "onnxruntime"):
-        fp, q = results[f"{runtime}/fp32"], results[f"{runtime}/w4a16"]
-        ratios[runtime] = {"speedup_w4a16_vs_fp32": {s: fp["latency_s"][s] / q["latency_s"][s] for s in config.frames},
-                           "peak_rss_ratio_w4a16_vs_fp32": q["peak_rss_mb"] / fp["peak_rss_mb"]}
-    ratios["onnxruntime_vs_pytorch_fp32"] = {s: results["pytorch/fp32"]["latency_s"][s]
-                                             / results["onnxruntime/fp32"]["latency_s"][s] for s in config.frames}
+    for runtime, form in CASES:
+        per_s = {}
+        for s in config.frames:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_measure, args=(runtime, form, prepared["paths"][runtime][form], s,
+                                                      prepared["image_size"], config.runs, config.threads,
+                                                      config.device, queue))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0 or queue.empty():  # killed (out of memory) or failed: recorded, not fatal
+                per_s[s] = {"failed": f"exit code {proc.exitcode}"}
+            else:
+                per_s[s] = queue.get()
+            logger.info("%s %s S=%d: %s", runtime, form, s, per_s[s])
+        results[f"{runtime}/{form}"] = per_s
     return {"config": asdict(config), "image_size": prepared["image_size"], "results": results,
-            "onnx_bytes": files, "onnx_size_ratio_fp32_vs_w4a16": files["fp32"] / files["w4a16"],
+            "ratios": _ratios(results, config.frames), **_sizes(prepared["paths"])}
+
+
+def _ratios(results: dict, frames) -> dict:
+    def value(case, s, key):
+        return results[case][s].get(key)
+
+    def above_weights(case, s):
+        peak, loaded = value(case, s, "peak_rss_mb"), value(case, s, "loaded_rss_mb")
+        return None if peak is None else peak - loaded
+
+    def ratio(a, b):
+        return None if a is None or b in (None, 0) else a / b
+
+    ratios = {"speedup_w4a16_vs_fp32": {runtime: {s: ratio(value(f"{runtime}/fp32", s, "latency_s"),
+                                                           value(f"{runtime}/w4a16", s, "latency_s")) for s in frames}
+                                        for runtime in ("pytorch", "onnxruntime")},
+              "onnxruntime_vs_pytorch_fp32": {s: ratio(value("pytorch/fp32", s, "latency_s"),
+                                                       value("onnxruntime/fp32", s, "latency_s")) for s in frames},
+              "fused_vs_unfused_attention_peak_rss": {s: ratio(value("onnxruntime/w4a16", s, "peak_rss_mb"),
+                                                               value("onnxruntime/w4a16-unfused", s, "peak_rss_mb"))
+                                                      for s in frames},
+              "fused_vs_unfused_attention_latency": {s: ratio(value("onnxruntime/w4a16", s, "latency_s"),
+                                                              value("onnxruntime/w4a16-unfused", s, "latency_s"))
+                                                     for s in frames}}
+    doublings = [(a, b) for a, b in zip(frames, frames[1:]) if b == 2 * a]
+    ratios["memory_above_weights_per_doubling"] = {
+        case: {f"{a}->{b}": ratio(above_weights(case, b), above_weights(case, a)) for a, b in doublings}
+        for case in results}
+    return ratios
+
+
+def _sizes(paths: dict) -> dict:
+    onnx_bytes = {form: Path(p).stat().st_size for form, p in paths["onnxruntime"].items()}
+    quantized_part = _quantized_part_bytes(paths["onnxruntime"]["w4a16"])
+    return {"onnx_bytes": onnx_bytes, "onnx_size_ratio_fp32_vs_w4a16": onnx_bytes["fp32"] / onnx_bytes["w4a16"],
             "quantized_part_bytes": quantized_part,
-            "quantized_part_ratio": quantized_part["fp32"] / quantized_part["w4a16"], "ratios": ratios}
+            "quantized_part_ratio": quantized_part["fp32"] / quantized_part["w4a16"]}
 
 
 def _quantized_part_bytes(ort_onnx: str) -> dict[str, int]:
@@ -187,19 +241,36 @@ def _quantized_part_bytes(ort_onnx: str) -> dict[str, int]:
 
 def format_table(report: dict) -> list[str]:
     frames = report["config"]["frames"]
-    lines = [f"image size {report['image_size'][0]}x{report['image_size'][1]}; median of "
-             f"{report['config']['runs']} runs; latency in ms",
-             f"{'case':<22}" + "".join(f"{'S=' + str(s):>10}" for s in frames) + f"{'peak RSS MB':>14}"]
-    for case, r in report["results"].items():
-        lines.append(f"{case:<22}" + "".join(f"{r['latency_s'][s] * 1e3:>10.1f}" for s in frames)
-                     + f"{r['peak_rss_mb']:>14.0f}")
-    for runtime in ("pytorch", "onnxruntime"):
-        r = report["ratios"][runtime]
-        lines.append(f"{runtime} w4a16 speed vs fp32: "
-                     + ", ".join(f"S={s} {v:.2f}x" for s, v in r["speedup_w4a16_vs_fp32"].items())
-                     + f"; peak RSS ratio {r['peak_rss_ratio_w4a16_vs_fp32']:.2f}")
-    lines.append("onnxruntime fp32 speed vs pytorch fp32: "
-                 + ", ".join(f"S={s} {v:.2f}x" for s, v in report["ratios"]["onnxruntime_vs_pytorch_fp32"].items()))
+    results = report["results"]
+
+    def cell(case, s, key, scale, fmt):
+        r = results[case][s]
+        return f"{'failed':>10}" if "failed" in r else f"{r[key] * scale:>10{fmt}}"
+
+    header = f"{'case':<28}" + "".join(f"{'S=' + str(s):>10}" for s in frames)
+    lines = [f"image size {report['image_size'][0]}x{report['image_size'][1]}; median of {report['config']['runs']} "
+             "runs; one process per case and S", "latency (ms)", header]
+    lines += [f"{case:<28}" + "".join(cell(case, s, "latency_s", 1e3, ".1f") for s in frames) for case in results]
+    lines += ["peak RSS (MB) / RSS once loaded (MB)", header]
+    for case in results:
+        lines.append(f"{case:<28}" + "".join(cell(case, s, "peak_rss_mb", 1, ".0f") for s in frames))
+        lines.append(f"{'  loaded':<28}" + "".join(cell(case, s, "loaded_rss_mb", 1, ".0f") for s in frames))
+    ratios = report["ratios"]
+
+    def listing(values: dict) -> str:
+        return ", ".join(f"S={s} {v:.2f}x" if v is not None else f"S={s} n/a" for s, v in values.items())
+
+    for runtime, values in ratios["speedup_w4a16_vs_fp32"].items():
+        lines.append(f"{runtime} w4a16 speed vs fp32: {listing(values)}")
+    lines.append(f"onnxruntime fp32 speed vs pytorch fp32: {listing(ratios['onnxruntime_vs_pytorch_fp32'])}")
+    lines.append("onnxruntime w4a16 peak RSS, fused / unfused attention: "
+                 f"{listing(ratios['fused_vs_unfused_attention_peak_rss'])}")
+    lines.append("onnxruntime w4a16 latency, fused / unfused attention: "
+                 f"{listing(ratios['fused_vs_unfused_attention_latency'])}")
+    for case, growth in ratios["memory_above_weights_per_doubling"].items():
+        if growth:
+            lines.append(f"{case} memory above the loaded model per doubling of S: "
+                         + ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in growth.items()))
     lines.append(f"ONNX file size fp32 / w4a16: {report['onnx_size_ratio_fp32_vs_w4a16']:.2f}x (whole model), "
                  f"{report['quantized_part_ratio']:.2f}x (quantized linears)")
     return lines

@@ -22,6 +22,7 @@ import torch
 
 from qvggt_export import arch
 from qvggt_export.model import VGGT, VGGTConfig, load_model
+from qvggt_export.model.presets import vggt1b_shallow_config
 from qvggt_export.quant.calibration_set import load_calibration
 from qvggt_export.quant.quantizer import FAST_PRESET, QuantConfig, quantize_model
 
@@ -44,8 +45,6 @@ def run(make_model, config: QuantConfig, calib) -> dict:
             "stage_seconds": report.seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-CONFIG = {"carry_track_head": False}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,9 +60,7 @@ def main() -> None:
                         help="a real checkpoint instead of random VGGT-1B weights ('vggt-tiny': the default model, "
                              "at its default calibration of 8 scenes x 4 views unless --scenes/--frames say otherwise)")
     args = parser.parse_args()
-    if args.depth:
-        d = args.depth
-        CONFIG.update(depth=d, intermediate_layer_idx=(0, d // 3, 2 * d // 3, d - 1))
+    model_config = vggt1b_shallow_config(args.depth) if args.depth else VGGTConfig(carry_track_head=False)
     torch.set_grad_enabled(False)
     args.scenes = args.scenes or (8 if args.checkpoint else 1)
     args.frames = args.frames or (4 if args.checkpoint else 2)
@@ -73,7 +70,7 @@ def main() -> None:
         if args.checkpoint:
             return load_model(args.checkpoint)
         torch.manual_seed(0)
-        return VGGT(VGGTConfig(**CONFIG)).eval()
+        return VGGT(model_config).eval()
 
     model = make_model()
     size = tuple(int(v) for v in args.size.split("x")) if args.size else model.config.default_image_size

@@ -247,6 +247,9 @@ def _frame_list(text: str) -> tuple[int, ...]:
 @click.option("--checkpoint", "-c", default=None, help="Full-precision checkpoint: " + CHECKPOINT_SOURCES)
 @click.option("--quantized", "-q", default=None, type=click.Path(),
               help="Its W4A16 checkpoint (default: RTN-quantize the checkpoint here).")
+@click.option("--random-depth", default=None, type=click.IntRange(1, 24), metavar="N",
+              help="Instead of a checkpoint: VGGT-1B's widths with N aggregator and N encoder blocks, random weights "
+                   "(its memory and speed per block and token at a fraction of the time).")
 @click.option("--frames", default="1,2,8", show_default=True, callback=lambda ctx, param, value: _frame_list(value),
               help="Numbers of views, comma-separated.")
 @click.option("--image-size", default=None, metavar="HxW", help="Default: the model's native size.")
@@ -257,14 +260,18 @@ def _frame_list(text: str) -> tuple[int, ...]:
 @click.option("--report", default=None, type=click.Path(), help="Write the JSON report here.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device,
               help="cpu or cuda for the PyTorch cases (cuda: W4A16 through the CUDA kernel).")
-def bench_cmd(checkpoint, quantized, frames, image_size, runs, threads, workdir, report, device):
-    """Latency and peak memory of PyTorch and ONNX Runtime, fp32 vs w4a16, printed as ratios."""
+def bench_cmd(checkpoint, quantized, random_depth, frames, image_size, runs, threads, workdir, report, device):
+    """Latency and peak memory per number of views of PyTorch (fp32, bf16, w4a16) and ONNX Runtime (fp32,
+    w4a16, w4a16 with unfused attention), one process per case and S, printed as ratios."""
     from ..bench import BenchConfig, bench, format_table
     from ..data.images import check_size
+    from ..errors import InputError
     from ..export.spec import parse_image_size
     from ..io import write_json
 
-    result = bench(BenchConfig(checkpoint=checkpoint, quantized=quantized, frames=frames,
+    if random_depth is not None and (checkpoint or quantized):
+        raise InputError("--random-depth builds a random model: give it without --checkpoint / --quantized")
+    result = bench(BenchConfig(checkpoint=checkpoint, quantized=quantized, random_depth=random_depth, frames=frames,
                                image_size=check_size(parse_image_size(image_size)) if image_size else None, runs=runs,
                                threads=threads, workdir=workdir, device=device))
     for line in format_table(result):

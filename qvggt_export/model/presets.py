@@ -42,6 +42,16 @@ def tiny_config(**overrides) -> VGGTConfig:
     return VGGTConfig(**{**TINY_CONFIG, **overrides})
 
 
+def vggt1b_shallow_config(depth: int) -> VGGTConfig:
+    """VGGT-1B's widths (tokens, heads, linears, DPT heads) with `depth` aggregator and DINOv2 blocks: its
+    speed and memory per block and per token at a fraction of the build and run time (random weights only).
+    The DPT heads read evenly spaced blocks, the last one last."""
+    if not 1 <= depth <= VGGTConfig().depth:
+        raise ValueError(f"depth must be between 1 and {VGGTConfig().depth}, got {depth}")
+    return VGGTConfig(depth=depth, patch_embed="dinov2", dinov2_depth=depth, carry_track_head=False,
+                      intermediate_layer_idx=(0, depth // 3, 2 * depth // 3, depth - 1))
+
+
 def preset_config(name: str, **overrides) -> VGGTConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
