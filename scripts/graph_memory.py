@@ -43,14 +43,16 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="an ONNX Runtime graph (e.g. the `ort` lowering)")
     parser.add_argument("--frames", default="2,4,8")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {', '.join(PARTS)}")
     args = parser.parse_args()
     import onnx
 
     frames = [int(v) for v in args.frames.split(",")]
+    parts = {name: PARTS[name] for name in args.parts.split(",")}
     context = multiprocessing.get_context("spawn")
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for part, outputs in PARTS.items():
+        for part, outputs in parts.items():
             path = args.model
             if part != "whole":
                 path = Path(work) / f"{part}.onnx"
@@ -63,11 +65,11 @@ def main() -> None:
                 results[part, s] = queue.get() if process.exitcode == 0 and not queue.empty() else None
                 print(part, s, results[part, s], flush=True)
     print(f"{'part':<8}" + "".join(f"{'S=' + str(s):>16}" for s in frames) + "   (peak / above loaded, MB)")
-    for part in PARTS:
+    for part in parts:
         cells = [results[part, s] for s in frames]
         print(f"{part:<8}" + "".join(f"{c['peak_mb']:>9.0f} /{c['peak_mb'] - c['loaded_mb']:>5.0f}" if c else
                                     f"{'failed':>16}" for c in cells))
-    for part in PARTS:
+    for part in parts:
         growth = [(a, b) for a, b in zip(frames, frames[1:]) if b == 2 * a and results[part, a] and results[part, b]]
         above = {s: results[part, s]["peak_mb"] - results[part, s]["loaded_mb"] for s in frames if results[part, s]}
         print(f"{part}: memory above the loaded graph per doubling of S: "
