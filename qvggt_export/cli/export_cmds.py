@@ -47,22 +47,30 @@ def _export_config(model, precision, image_size, min_frames, opt_frames, max_fra
 @_frame_options
 @click.option("--target", "targets", multiple=True, type=click.Choice(["ort", "qdq", "plugin"]),
               help="Also write these lowerings (repeatable).")
+@click.option("--attention", type=click.Choice(["mha", "matmul", "opset23"]), default=None,
+              help="How the lowerings write attention. Default per target: ort = mha (com.microsoft "
+                   "MultiHeadAttention, memory linear in the views), qdq / plugin = matmul (MatMul -> Softmax -> "
+                   "MatMul, what TensorRT 10.x fuses). opset23 (qdq / plugin): the ONNX Attention operator, for "
+                   "TensorRT >= 10.14 and TensorRT-RTX (not TensorRT 10.3 / JetPack 6).")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
 def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, opt_frames, max_frames, targets,
-               no_validate):
+               attention, no_validate):
     """ONNX of the full model (aggregator + camera, depth, point heads) with a dynamic number of views.
 
     Quantized linears become qvggt::W4A16MatMul nodes; the plan and provenance go in metadata_props."""
-    from ..export.lower import write_lowering
+    from ..errors import InputError
+    from ..export.lower import attention_form, write_lowering
     from ..export.onnx_export import export_onnx
     from ..model import load_model
 
+    if attention and not targets:
+        raise InputError("--attention applies to lowerings: give --target too")
+    for target in targets:  # before the export, which takes minutes on VGGT-1B
+        attention_form(target, attention)
     model = load_model(checkpoint)
     plan = getattr(model, "quant_plan", None)
     w8_layers = [name for name, p in (plan or {}).get("layers", {}).items() if p == "w8a16"]
-    if "plugin" in targets and w8_layers:  # before the export, which takes minutes on VGGT-1B
-        from ..errors import InputError
-
+    if "plugin" in targets and w8_layers:
         raise InputError(f"--target plugin: {len(w8_layers)} w8a16 layer(s) (e.g. {w8_layers[0]}), and the W4A16 "
                          "plugin runs 4-bit weights only; use --target qdq for w8a16 checkpoints")
     precision = precision or (plan["default_precision"] if plan else "fp32")
@@ -71,7 +79,7 @@ def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, 
     path = export_onnx(model, out, config)
     click.echo(f"wrote {path}")
     for target in targets:
-        click.echo(f"wrote {write_lowering(path, target)}")
+        click.echo(f"wrote {write_lowering(path, target, attention=attention)}")
 
 
 @main.command("compare")

@@ -23,6 +23,13 @@ from .onnx_io import load_onnx, save_proto
 
 TARGETS = ("ort", "qdq", "plugin")
 META_TARGET = "qvggt.lowering"
+META_ATTENTION = "qvggt.attention"
+# How a lowering writes each attention: `matmul` as exported (MatMul -> Softmax -> MatMul, fp16 on both
+# MatMuls, the scale on Q and K: the form TensorRT 10.x fuses), `mha` as com.microsoft MultiHeadAttention
+# (ONNX Runtime's flash / memory-efficient kernels), `opset23` as the ONNX Attention operator (opset 23:
+# TensorRT >= 10.14 and TensorRT-RTX import it as IAttention; TensorRT 10.3 / JetPack 6 cannot).
+ATTENTION_FORMS = {"ort": ("mha", "matmul"), "qdq": ("matmul", "opset23"), "plugin": ("matmul", "opset23")}
+ATTENTION_OPSET = 23
 
 
 def custom_nodes(graph) -> list:
@@ -213,16 +220,41 @@ def _to_multi_head_attention(graph, pattern) -> None:
     graph.layer(op="Transpose", name=f"{name}.out", inputs=[split], attrs={"perm": [0, 2, 1, 3]}, outputs=result)
 
 
-def lower(model, target: str, check: bool = True, fuse_attention: bool = True):
+def _to_onnx_attention(graph, pattern) -> None:
+    """One attention as the ONNX Attention operator (opset 23) on the [B, heads, tokens, head_dim] tensors."""
+    import onnx_graphsurgeon as gs
+
+    (first, softmax, second), q, k_t, v, scale, _ = pattern
+    name, dtype = softmax.name or softmax.outputs[0].name, second.outputs[0].dtype
+    k = graph.layer(op="Transpose", name=f"{name}.k", inputs=[k_t], attrs={"perm": [0, 1, 3, 2]},
+                    outputs=[gs.Variable(f"{name}.k", dtype=dtype)])[0]
+    result = list(second.outputs)
+    second.outputs.clear()
+    graph.layer(op="Attention", name=f"{name}.attention", inputs=[q, k, v], attrs={"scale": float(scale)},
+                outputs=result)
+
+
+def attention_form(target: str, attention: str | None) -> str:
+    """The attention form the `target` lowering writes: `attention` if that target takes it, else its default."""
+    if attention is None:
+        return ATTENTION_FORMS[target][0]
+    if attention not in ATTENTION_FORMS[target]:
+        raise InputError(f"--attention {attention} does not apply to --target {target}; it takes "
+                         f"{' or '.join(ATTENTION_FORMS[target])}")
+    return attention
+
+
+def lower(model, target: str, check: bool = True, attention: str | None = None):
     """ModelProto with custom nodes -> ModelProto for `target` (metadata kept, lowering recorded).
 
-    `fuse_attention` (the `ort` target only): every attention as MultiHeadAttention; False keeps the
-    exported MatMul -> Softmax -> MatMul (what `bench` compares against)."""
+    `attention`: one of ATTENTION_FORMS[target] (default: the first, i.e. `mha` for `ort`, `matmul` for the
+    TensorRT graphs)."""
     import onnx
     import onnx_graphsurgeon as gs
 
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    attention = attention_form(target, attention)
     graph = gs.import_onnx(model)
     nodes = custom_nodes(graph)
     rewrite = {"ort": _to_ort, "qdq": _to_qdq, "plugin": _to_plugin}[target]
@@ -231,9 +263,9 @@ def lower(model, target: str, check: bool = True, fuse_attention: bool = True):
         rewrite(graph, node, cache)
         if target != "plugin":
             node.outputs.clear()  # detached: cleanup() removes it and its now unused initializers
-    attentions = attention_patterns(graph) if target == "ort" and fuse_attention else []
+    attentions = attention_patterns(graph) if attention != "matmul" else []
     for pattern in attentions:
-        _to_multi_head_attention(graph, pattern)
+        (_to_multi_head_attention if attention == "mha" else _to_onnx_attention)(graph, pattern)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     keep_domain = target == "plugin" and nodes
@@ -242,18 +274,21 @@ def lower(model, target: str, check: bool = True, fuse_attention: bool = True):
                if o.domain != custom_op.DOMAIN or keep_domain}
     if target == "ort" and (nodes or attentions):
         imports["com.microsoft"] = 1
+    if attention == "opset23" and attentions:
+        imports[""] = max(imports.get("", 0), ATTENTION_OPSET)
     del out.opset_import[:]
     out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
-    out.ir_version = model.ir_version
+    out.ir_version = max(model.ir_version, 11) if attention == "opset23" and attentions else model.ir_version
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
     meta = {p.key: p.value for p in model.metadata_props}
     meta[META_TARGET] = target
+    meta[META_ATTENTION] = attention
     del out.metadata_props[:]
     for key, value in sorted(meta.items()):
         out.metadata_props.add(key=key, value=value)
     if check:
         check_model(out)
-    logger.debug("lowered %d custom nodes and %d attentions to %s", len(nodes), len(attentions), target)
+    logger.debug("lowered %d custom nodes to %s, %d attentions as %s", len(nodes), target, len(attentions), attention)
     return out
 
 
@@ -286,8 +321,8 @@ def lowered_path(path, target: str):
     return path.with_name(f"{path.stem}.{target}.onnx")
 
 
-def write_lowering(source, target: str, out=None):
+def write_lowering(source, target: str, out=None, attention: str | None = None):
     out = out or lowered_path(source, target)
-    save_proto(lower(load_onnx(source), target), out)
+    save_proto(lower(load_onnx(source), target, attention=attention), out)
     logger.info("wrote %s", out)
     return out
