@@ -646,8 +646,10 @@ def quantizer(ctx: Context) -> SectionResult:
     from scale_1b import block_flops
 
     torch.manual_seed(0)
-    model = VGGT(VGGTConfig(**model_config(ctx))).eval()
+    with torch.device(ctx.device):  # random init of 1.2 B parameters is seconds on a GPU, a minute on a CPU
+        model = VGGT(VGGTConfig(**model_config(ctx))).eval()
     checkpoint = save_vggt(model, ctx.work / "random.safetensors")
+    del model
     out = ctx.work / "quantized.safetensors"
     size = ctx.quantizer_image_size
     scenes, frames = (1, 2)
@@ -669,6 +671,8 @@ def quantizer(ctx: Context) -> SectionResult:
         logger.error("quantizer stderr:\n%s", result.stderr[-4000:])
         return SectionResult(NOT_RUN, f"quantize exited {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
     run = json.loads(out.with_suffix(".json").read_text())["run"]
+    with torch.device("meta"):
+        model = VGGT(VGGTConfig(**model_config(ctx)))
     tokens = frames * arch.tokens_per_frame(model, size)
     forwards = sum(run["block_forwards"].values())
     flops = forwards * block_flops(model, tokens)
@@ -694,8 +698,10 @@ def reload(ctx: Context) -> SectionResult:
     source = "the quantizer's"
     if ctx.quantized_checkpoint is None:  # cut at its box: a round-to-nearest checkpoint of the same model
         torch.manual_seed(0)
-        ctx.quantized_checkpoint = save_quantized(random_w4a16(VGGT(VGGTConfig(**model_config(ctx))).eval()),
-                                                  ctx.work / "rtn.safetensors")
+        with torch.device(ctx.device):
+            model = VGGT(VGGTConfig(**model_config(ctx))).eval()
+        ctx.quantized_checkpoint = save_quantized(random_w4a16(model), ctx.work / "rtn.safetensors")
+        del model
         source = "an RTN (the quantizer did not finish)"
     model = load_model(ctx.quantized_checkpoint, device=str(ctx.device))
     if ctx.device.type != "cuda":  # the CPU emulation of the swap load_model makes on CUDA
