@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
 from .errors import InputError, QVGGTError
-from .io import sha256_file, sha256_json, write_json
+from .io import (discard_cache, exclusive_lock, remove_stale_temporaries, removed_on_error, sha256_file,
+                 sha256_json, write_json)
 from .log import logger
 from .report import REPORT_NAME
 from .visualize import DEFAULT_CONF_PERCENTILE
 
 STAGES_DIR = ".stages"
+LOCK_FILE = "lock"  # in STAGES_DIR: held (flock) while a build runs in the folder
 
 
 @dataclass
@@ -73,20 +76,47 @@ class Stages:
     def _sidecar(self, name: str) -> Path:
         return self.root / STAGES_DIR / f"{name}.json"
 
-    def up_to_date(self, name: str, key: str, outputs: list[Path]) -> bool:
+    def _key(self, path: Path) -> str:
+        """An output's name in the sidecar: its path under the build folder."""
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else path.name
+
+    def _record(self, name: str) -> dict | None:
         sidecar = self._sidecar(name)
         if not sidecar.is_file():
-            return False
+            return None
         try:
             record = json.loads(sidecar.read_text())
-        except json.JSONDecodeError:
-            return False
-        if record.get("key") != key:
-            return False
-        return all(p.exists() and record["outputs"].get(p.name) == sha256_file(p) for p in outputs)
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            discard_cache(sidecar, f"unreadable: {type(exc).__name__}")
+            return None
+        if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
+            discard_cache(sidecar, "not a stage record")
+            return None
+        return record
 
-    def run(self, name: str, inputs: dict, outputs: list[Path], fn) -> bool:
-        """True when the stage ran, False when it was skipped."""
+    def up_to_date(self, name: str, key: str, outputs: list[Path]) -> bool:
+        """The sidecar's key matches and every output it recorded (the required `outputs` among them) is
+        on disk with the hash it had when the stage wrote it."""
+        record = self._record(name)
+        if record is None or record.get("key") != key:
+            return False
+        recorded = record["outputs"]
+        wanted = {n: self.root / n for n in recorded} | {self._key(p): p for p in outputs}
+        for output, path in wanted.items():
+            if not path.is_file() or output not in recorded:
+                logger.info("[%s] %s is missing; rerunning the stage", name, path)
+                return False
+            if sha256_file(path) != recorded[output]:
+                # Never left for the rerun to read (a cache among the outputs would be): removed here.
+                logger.warning("[%s] %s is not what the stage wrote (damaged or edited); discarded, rerunning the "
+                               "stage", name, path)
+                path.unlink()
+                return False
+        return True
+
+    def run(self, name: str, inputs: dict, outputs: list[Path], fn, optional: tuple[Path, ...] = ()) -> bool:
+        """True when the stage ran, False when it was skipped. `optional`: outputs the stage may write
+        (caches, figures); those it wrote are hash-checked like `outputs` on the next run."""
         key = sha256_json(inputs)
         if self.up_to_date(name, key, outputs):
             logger.info("[%s] up to date, skipped", name)
@@ -100,10 +130,16 @@ class Stages:
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise QVGGTError(f"stage {name} did not write {', '.join(missing)}")
+        written = [*outputs, *(p for p in optional if p.is_file())]
         write_json(self._sidecar(name), {"key": key, "inputs": inputs, "versions": _versions(),
-                                         "outputs": {p.name: sha256_file(p) for p in outputs}})
+                                         "outputs": {self._key(p): sha256_file(p) for p in written}})
         self.ran[name] = f"ran in {time.perf_counter() - start:.1f} s"
         return True
+
+    @property
+    def finished_any(self) -> bool:
+        """Some stage ran to its end in this build (its outputs are whole and recorded)."""
+        return any(status.startswith("ran") for status in self.ran.values())
 
 
 def _source_hash(checkpoint: str | None) -> tuple[Path, str]:
@@ -114,7 +150,39 @@ def _source_hash(checkpoint: str | None) -> tuple[Path, str]:
 
 
 def build(config: BuildConfig) -> dict:
-    """Runs the pipeline; returns the summary (also written to OUT/summary.json)."""
+    """Runs the pipeline; returns the summary (also written to OUT/summary.json).
+
+    One build at a time per folder (a lock in OUT/.stages: a second one fails at once with BusyError).
+    A build that fails with an error removes the folder if it created it and no stage finished, and an
+    unfinished stage's calibration folder if the stage created it; temporary files go in any case."""
+    config.check()
+    source, source_sha = _source_hash(config.checkpoint)
+    name = Path(config.checkpoint).stem if config.checkpoint else "vggt-tiny"
+    root = Path(config.out or f"engines/{name}-{config.precision}")
+    stages = Stages(root)
+    shard = None
+    if config.precision != "fp16":
+        from .quant.distributed import init_from_environment
+        from .quant.forward import resolve_device
+
+        shard = init_from_environment(resolve_device(config.device))
+        stages.writer = shard.is_main
+    if not stages.writer:  # the other ranks of a torchrun build lend their share of the calibration work
+        return _build(config, stages, source, source_sha, shard)
+    root_is_new = not root.exists()
+    with exclusive_lock(root / STAGES_DIR / LOCK_FILE, f"build folder {root}"):
+        stale = remove_stale_temporaries(root)
+        if stale:
+            logger.info("removed %d temporary file(s) that a killed build left in %s", len(stale), root)
+        try:
+            return _build(config, stages, source, source_sha, shard)
+        except Exception:
+            if root_is_new and not stages.finished_any:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+
+
+def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, shard) -> dict:
     from .export.lower import lowered_path, write_lowering
     from .export.onnx_export import export_onnx
     from .compare import file_bytes
@@ -122,11 +190,7 @@ def build(config: BuildConfig) -> dict:
     from .model import load_model
     from .model.summary import checkpoint_summary
 
-    config.check()
-    source, source_sha = _source_hash(config.checkpoint)
-    name = Path(config.checkpoint).stem if config.checkpoint else "vggt-tiny"
-    root = Path(config.out or f"engines/{name}-{config.precision}")
-    stages = Stages(root)
+    root = stages.root
     quantized = config.precision != "fp16"
     qpath, calib_dir, onnx_path = root / "quantized.safetensors", root / "calib", root / "model.onnx"
     model_fp = None
@@ -140,21 +204,21 @@ def build(config: BuildConfig) -> dict:
         return model_fp
 
     if quantized:
+        from .quant.calibration_run import FIGURE_FILE, MANIFEST_FILE, SENSITIVITY_FILE, STATS_FILE
         from .quant.calibration_set import load_calibration
-        from .quant.distributed import init_from_environment
         from .quant.forward import resolve_device
 
-        device = resolve_device(config.device)
-        shard = init_from_environment(device)
-        stages.writer = shard.is_main
         calib = load_calibration(config.calib, fp_model(), config.calib_scenes, config.calib_frames)
-        qconfig = _quant_config(config, device)
+        qconfig = _quant_config(config, resolve_device(config.device))
         # Everything the checkpoint depends on: the model file, the calibration pixels, every quantization
         # setting, the package version (which also fixes the synthetic renderer).
         quant_inputs = {"checkpoint": source_sha, "calibration": calib.fingerprint(), "quant": asdict(qconfig),
                         "qvggt_export": __version__}
+        # The calibration files are outputs too: a damaged one reruns the stage (which then recomputes it).
+        calib_files = tuple(calib_dir / f for f in (STATS_FILE, SENSITIVITY_FILE, FIGURE_FILE, MANIFEST_FILE))
         stages.run("calibrate+quantize", quant_inputs, [qpath],
-                   lambda: _quantize(fp_model(), calib, qconfig, calib_dir, qpath, shard.is_main))
+                   lambda: _quantize(fp_model(), calib, qconfig, calib_dir, qpath, shard.is_main),
+                   optional=calib_files)
         if not shard.is_main:
             return {}  # the other ranks only lend their share of the calibration work
         model_source, model_sha = qpath, sha256_file(qpath)
@@ -213,10 +277,12 @@ def _quantize(model_fp, calib, qconfig, calib_dir: Path, qpath: Path, writer: bo
     from .quant.quantizer import quantize_model
 
     reports = []
-    qmodel = quantize_model(model_fp, calib, qconfig, calib_dir=calib_dir, inplace=True, report_out=reports)
-    if writer:
-        save_quantized(qmodel, qpath)
-        reports[0].progress.clear()
+    # Failing with an error (a full disk, say) removes the calibration folder if this stage made it.
+    with removed_on_error(calib_dir if writer else None):
+        qmodel = quantize_model(model_fp, calib, qconfig, calib_dir=calib_dir, inplace=True, report_out=reports)
+        if writer:
+            save_quantized(qmodel, qpath)
+            reports[0].progress.clear()
 
 
 def _compare(candidate: Path, reference, fp_source: Path | None, image_size, config: BuildConfig, out: Path,
@@ -232,9 +298,8 @@ def _compare(candidate: Path, reference, fp_source: Path | None, image_size, con
 
     inputs = synthetic_inputs(tuple(image_size), config.compare_scenes, config.compare_frames)
     outputs = []
-    # The deployed graph has fp16 activations: its tolerance is the fp16 one of the export spec.
-    report = compare(candidate, reference, inputs, CompareConfig(rel_tol=dict(spec.REL_TOL["fp16"]), error_stat="max"),
-                     outputs_out=outputs)
+    # The tolerance follows the candidate's metadata (compare.tolerance_for), as a standalone `compare` does.
+    report = compare(candidate, reference, inputs, CompareConfig(error_stat="max"), outputs_out=outputs)
     fp_outputs, labels = None, ("full precision (PyTorch)", f"{config.precision} ({candidate.name})")
     if fp_source is not None:
         fp = load_model(str(fp_source))
@@ -248,7 +313,7 @@ def _compare(candidate: Path, reference, fp_source: Path | None, image_size, con
 
 
 def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
-    from .export.engine import BackendMissing, EngineConfig, build_engine, default_backend
+    from .export.engine import BackendMissing, EngineConfig, build_engine, default_backend, sidecar_path
 
     backend = config.backend or default_backend()
     if backend in (None, "none"):
@@ -256,7 +321,8 @@ def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
                                           "TensorRT-RTX, or build on the target with `qvggt-export engine`)"}
     engine_path = onnx_path.with_suffix(".engine")
     try:
-        stages.run(f"engine-{backend}", {"onnx": sha256_file(onnx_path), "backend": backend}, [engine_path],
+        stages.run(f"engine-{backend}", {"onnx": sha256_file(onnx_path), "backend": backend},
+                   [engine_path, sidecar_path(engine_path)],
                    lambda: build_engine(onnx_path, engine_path, EngineConfig(backend=backend)))
     except BackendMissing as exc:
         return {"built": False, "reason": str(exc)}

@@ -4,14 +4,16 @@ and a geometry report (pose, depth, points) is added per scene.
 Candidates and references: an ONNX file (ONNX Runtime; custom nodes are lowered to `ort` in memory),
 a TensorRT engine (Polygraphy's TensorRT runner, where `tensorrt` imports), or a PyTorch model
 (full precision or quantized). Tolerances are relative to each output's reference range, turned into
-Polygraphy's per-output atol once the reference has run.
+Polygraphy's per-output atol once the reference has run; unless the caller sets them (--rel-tol) they
+follow what the two sides are (`tolerance_for`: the export spec's activation dtype), for `compare` and
+`build` alike.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from .log import logger
 
 @dataclass
 class CompareConfig:
-    rel_tol: dict[str, float] = field(default_factory=lambda: dict(spec.REL_TOL["fp32"]))
+    rel_tol: dict[str, float] | None = None  # None: from what the candidate is (tolerance_for)
     error_stat: str = "max"  # Polygraphy check_error_stat: max | mean | median
     # Geometry thresholds (candidate vs reference predictions).
     max_rotation_deg: float = 1.0
@@ -33,6 +35,47 @@ class CompareConfig:
     max_point_error: float = 0.02
     scenes: int = 2
     frames: int = 4
+
+
+def activations_of(source) -> tuple[str, str]:
+    """(activation dtype, where it was read) of one side of a comparison: "fp32" or "fp16" (a key of
+    spec.REL_TOL). An ONNX file: its export spec (and the lowering, named); an engine: its sidecar (what
+    the ONNX it was built from recorded); a PyTorch model: its parameters' dtype."""
+    import json
+
+    if not isinstance(source, (str, Path)):
+        import torch
+
+        dtype = next((p.dtype for p in source.parameters() if p.is_floating_point()), torch.float32)
+        return ("fp32" if dtype == torch.float32 else "fp16"), f"PyTorch {str(dtype).removeprefix('torch.')}"
+    path = Path(source)
+    if path.suffix == ".engine":
+        from .export.engine import read_sidecar
+
+        dtype = read_sidecar(path).get("activations")
+        return (dtype, f"{path.name}: {dtype} activations in its sidecar") if dtype in spec.REL_TOL else (
+            "fp32", f"{path.name}: activations not recorded in its sidecar, fp32 assumed")
+    from .export.lower import META_TARGET
+    from .export.onnx_io import load_onnx, model_metadata
+
+    meta = model_metadata(load_onnx(path, load_external_data=False))
+    dtype = json.loads(meta.get(spec.META_SPEC, "{}")).get("dtype")
+    lowering = f", {meta[META_TARGET]} lowering" if META_TARGET in meta else ""
+    if dtype not in spec.REL_TOL:
+        return "fp32", f"{path.name}: no export spec{lowering}, fp32 assumed"
+    return dtype, f"{path.name}: {dtype} activations in its export spec{lowering}"
+
+
+def tolerance_for(candidate, reference) -> dict:
+    """The relative tolerance per output of a comparison: the export spec's (spec.REL_TOL) for the least
+    precise activations of the two sides, and why. The one rule `compare` and `build` use when no
+    tolerance is given."""
+    sides = [activations_of(candidate)]
+    if isinstance(reference, (str, Path)):  # a PyTorch reference runs in fp32 (torch_runner)
+        sides.append(activations_of(reference))
+    dtype = "fp16" if any(d == "fp16" for d, _ in sides) else "fp32"
+    return {"rel_tol": dict(spec.REL_TOL[dtype]), "activations": dtype,
+            "source": "; ".join(why for _, why in sides)}
 
 
 def torch_runner(model, name: str = "pytorch"):
@@ -83,16 +126,13 @@ def onnx_runner(path: str | Path, name: str | None = None):
 
 def engine_runner(path: str | Path):
     """Polygraphy's TensorRT runner (standard TensorRT: Polygraphy imports `tensorrt` itself)."""
-    import json
-
-    from .export.engine import import_backend, register_plugins, sidecar_path
+    from .export.engine import import_backend, read_sidecar, register_plugins
 
     path = Path(path)
     trt = import_backend("tensorrt")
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    sidecar = sidecar_path(path)
-    if sidecar.is_file() and json.loads(sidecar.read_text()).get("plugin"):
+    if read_sidecar(path).get("plugin"):
         register_plugins(trt)
     return TrtRunner(EngineFromBytes(path.read_bytes()), name=f"tensorrt:{path.name}")
 
@@ -188,10 +228,14 @@ def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: C
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
     runners = [runner_for(candidate, "candidate"), runner_for(reference, "reference")]
+    tolerance = (tolerance_for(candidate, reference) if config.rel_tol is None else
+                 {"rel_tol": dict(config.rel_tol), "activations": None, "source": "given (--rel-tol)"})
+    logger.info("tolerance: %s relative to each output's range (%s)",
+                ", ".join(f"{v:g}" for v in sorted(set(tolerance["rel_tol"].values()))), tolerance["source"])
     results = Comparator.run(runners, data_loader=inputs)
     ref_iters = results[1][1]
     atol = {}
-    for name, rel in config.rel_tol.items():
+    for name, rel in tolerance["rel_tol"].items():
         span = max(float(it[name].max() - it[name].min()) for it in ref_iters)
         atol[name] = rel * (span or 1.0)
     accuracy = Comparator.compare_accuracy(
@@ -211,7 +255,8 @@ def compare(candidate, reference, inputs: list[dict[str, np.ndarray]], config: C
     report = {"candidate": str(candidate) if isinstance(candidate, (str, Path)) else "pytorch",
               "reference": str(reference) if isinstance(reference, (str, Path)) else "pytorch",
               "polygraphy_passed": polygraphy_passed, "geometry_passed": geometry_passed,
-              "passed": polygraphy_passed and geometry_passed, "atol": atol, "error_stat": config.error_stat,
+              "passed": polygraphy_passed and geometry_passed, "tolerance": tolerance, "atol": atol,
+              "error_stat": config.error_stat,
               "polygraphy_outputs": per_output, "scenes": scenes}
     for s in scenes:
         g = s["geometry"]

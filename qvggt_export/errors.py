@@ -11,3 +11,12 @@ class CheckpointError(QVGGTError):
 
 class InputError(QVGGTError):
     """Images, datasets or other inputs are missing or malformed."""
+
+
+class ResourceError(QVGGTError):
+    """The machine ran out of something the run needs (disk space, memory), or an input would need more
+    than it may take (an image above the pixel limit, more views than the memory holds)."""
+
+
+class BusyError(QVGGTError):
+    """Another process holds the output (a second build into the same folder)."""

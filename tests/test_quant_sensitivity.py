@@ -6,6 +6,7 @@ import torch
 
 from quant_helpers import random_calibration, small_model
 from qvggt_export import arch
+from qvggt_export.io import write_cache_json
 from qvggt_export.quant.calibration_run import calibrate
 from qvggt_export.quant.plan import auto_plan
 
@@ -52,7 +53,8 @@ def test_sensitivity_report_resumes_from_a_partial_run(tmp_path):
     # A planted marker survives only if the rerun reuses the finished entry instead of recomputing it.
     partial["blocks"] = {kept: {**partial["blocks"][kept], "seconds": -1.0}}
     partial["complete"] = False
-    report_path.write_text(json.dumps(partial))
+    partial.pop("qvggt_content_sha256")
+    write_cache_json(report_path, partial)  # what a killed run leaves: a hashed partial report
     resumed = calibrate(model, calib, tmp_path).sensitivity
     assert resumed["blocks"][kept]["seconds"] == -1.0
     assert set(resumed["blocks"]) == set(first["blocks"]) and resumed["complete"]

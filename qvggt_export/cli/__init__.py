@@ -9,12 +9,13 @@ import sys
 import click
 
 from ..errors import QVGGTError
+from ..io import resource_error, resource_exceptions
 from ..log import setup_logging
 
 
 class _Group(click.Group):
-    """Turns QVGGTError, bad option values (click's usage errors) and a few OS errors on user paths into one
-    line and exit code 2."""
+    """Turns QVGGTError, bad option values (click's usage errors), a few OS errors on user paths and running
+    out of disk or memory (io.resource_error) into one line and exit code 2."""
 
     def invoke(self, ctx):
         try:
@@ -27,6 +28,12 @@ class _Group(click.Group):
             sys.exit(2)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except resource_exceptions() as exc:  # disk or memory ran out where no API function said what it did
+            error = resource_error(exc)
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
             sys.exit(2)
 
 

@@ -91,8 +91,10 @@ def export_cmd(checkpoint, out, precision, activations, image_size, min_frames, 
 @click.option("--images", multiple=True, type=click.Path(), help="Views of one scene (default: synthetic scenes).")
 @click.option("--scenes", default=2, show_default=True, type=COUNT, help="Synthetic scenes.")
 @click.option("--frames", default=4, show_default=True, type=COUNT, help="Views per synthetic scene.")
-@click.option("--rel-tol", default=1e-3, show_default=True, type=NON_NEGATIVE,
-              help="Per-output tolerance, relative to the reference output's range (Polygraphy atol).")
+@click.option("--rel-tol", default=None, type=NON_NEGATIVE,
+              help="Per-output tolerance, relative to the reference output's range (Polygraphy atol). Default: "
+                   "the export spec's for the candidate's activations (1e-3 fp32, 3e-2 fp16), read from its "
+                   "metadata; the report says which it used.")
 @click.option("--error-stat", type=click.Choice(["max", "mean", "median"]), default="max", show_default=True)
 @click.option("--max-rotation-deg", default=1.0, show_default=True, type=NON_NEGATIVE)
 @click.option("--max-translation-deg", default=2.0, show_default=True, type=NON_NEGATIVE)
@@ -111,7 +113,8 @@ def compare_cmd(candidate, reference, checkpoint, images, scenes, frames, rel_to
     from ..errors import InputError
     from ..export import spec
 
-    config = CompareConfig(rel_tol=dict.fromkeys(spec.OUTPUT_NAMES, rel_tol), error_stat=error_stat,
+    config = CompareConfig(rel_tol=None if rel_tol is None else dict.fromkeys(spec.OUTPUT_NAMES, rel_tol),
+                           error_stat=error_stat,
                            max_rotation_deg=max_rotation_deg, max_translation_deg=max_translation_deg,
                            min_auc30=min_auc30, max_depth_abs_rel=max_depth_abs_rel, max_point_error=max_point_error)
     from pathlib import Path

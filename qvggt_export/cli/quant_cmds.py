@@ -78,14 +78,16 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
               scope, device, dtype):
     """Activation statistics, camera tokens and the per-block sensitivity report (cached, resumable;
     data-parallel under torchrun)."""
+    from ..io import removed_on_error
     from ..quant.calibration_run import calibrate as run_calibrate
     from ..quant.plan import check_scope
 
     check_scope(scope)
     device, dtype, shard = resolve_run(device, dtype)
     model, calib = _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size)
-    result = run_calibrate(model.to(device), calib, out_dir, sensitivity=not no_sensitivity, dtype=dtype,
-                           shard=shard, scope=scope)
+    with removed_on_error(out_dir if shard.is_main else None):  # an error (not a kill) leaves no new folder
+        result = run_calibrate(model.to(device), calib, out_dir, sensitivity=not no_sensitivity, dtype=dtype,
+                               shard=shard, scope=scope)
     if result.sensitivity and shard.is_main:
         worst = sorted(result.sensitivity["blocks"].items(), key=lambda kv: kv[1]["score"], reverse=True)[:5]
         click.echo("most sensitive blocks: " + ", ".join(f"{name} ({e['score']:.3g})" for name, e in worst))
@@ -127,7 +129,8 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     Resumable: a killed run continues at the next unfinished block (state in the calibration directory).
     Data-parallel: `torchrun --nproc-per-node N $(which qvggt-export) quantize ...` shards the calibration
     scenes over the ranks; the checkpoint is byte-identical to one process."""
-    from ..io import write_json
+    from ..errors import QVGGTError
+    from ..io import removed_on_error, write_json
     from ..model import save_quantized
     from ..quant.quantizer import FAST_PRESET, QuantConfig, quantize_model, weight_bytes
 
@@ -146,17 +149,25 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     fp16_bytes = weight_bytes(model, scope=scope)
     out_path = Path(out_path)
     calib_dir = Path(calib_dir) if calib_dir else out_path.with_name(out_path.stem + "_calib")
-    reports = []
-    qmodel = quantize_model(model, calib, config, calib_dir=calib_dir, inplace=True, report_out=reports)
-    if not shard.is_main:
-        return
-    save_quantized(qmodel, out_path)
-    report = reports[0]
     sidecar = out_path.with_suffix(".json")
-    write_json(sidecar, {"plan": qmodel.quant_plan, "quant_info": qmodel.quant_info,
-                         "weight_bytes": {"quantized": weight_bytes(qmodel, scope=scope), "fp16": fp16_bytes},
-                         "run": run_summary(report, shard)})
-    report.progress.clear()
+    reports = []
+    # An error (a full disk, say; not a kill, which resumes) removes the folders this command made: the
+    # calibration folder (unless --calib-dir names an existing one) and the output's.
+    with removed_on_error(*((out_path.parent, calib_dir) if shard.is_main else ())):
+        qmodel = quantize_model(model, calib, config, calib_dir=calib_dir, inplace=True, report_out=reports)
+        if not shard.is_main:
+            return
+        save_quantized(qmodel, out_path)
+        report = reports[0]
+        try:  # the checkpoint and its sidecar go together
+            write_json(sidecar, {"plan": qmodel.quant_plan, "quant_info": qmodel.quant_info,
+                                 "weight_bytes": {"quantized": weight_bytes(qmodel, scope=scope), "fp16": fp16_bytes},
+                                 "run": run_summary(report, shard)})
+        except QVGGTError:
+            for path in (out_path, sidecar):
+                path.unlink(missing_ok=True)
+            raise
+        report.progress.clear()
     click.echo(f"wrote {out_path} and {sidecar}")
 
 
@@ -177,7 +188,10 @@ def parse_loss_weights(text: str) -> dict[str, float]:
 
 
 def run_summary(report, shard) -> dict:
-    """The run's bookkeeping for the sidecar (timings vary run to run, so they stay out of the checkpoint)."""
-    return {"seconds": report.seconds, "block_forwards": report.block_forwards, "peak_rss_gb": report.peak_rss_gb,
+    """The run's bookkeeping for the sidecar (timings vary run to run, so they stay out of the checkpoint).
+    `intra_op_threads`: per process; the checkpoint's bytes depend on it (README)."""
+    import torch
+
+    return {"intra_op_threads": torch.get_num_threads(), "seconds": report.seconds, "block_forwards": report.block_forwards, "peak_rss_gb": report.peak_rss_gb,
             "peak_cuda_gb": report.peak_cuda_gb, "resumed_blocks": report.resumed_blocks, "processes": shard.world,
             "fp_task_loss": report.fp_task_loss, "final_task_loss": report.final_task_loss}

@@ -14,6 +14,8 @@ does to a mixed batch).
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError
+from ..errors import InputError, ResourceError
 from ..log import logger
 
 TARGET_SIZE = 518
 PATCH_SIZE = 14
 MODES = ("crop", "pad")
+# The largest image (width x height) any command decodes or resizes to: 100 megapixels, 300 MB as 8-bit RGB.
+# A larger file, or one that declares more pixels than it holds (a decompression bomb), is refused from its
+# header, before any pixel is decoded; so is an aspect ratio whose resize would exceed it.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,17 @@ def plan_preprocessing(width: int, height: int, mode: str = "crop", size: tuple[
     if mode not in MODES:
         raise InputError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
     out_h, out_w = (TARGET_SIZE, TARGET_SIZE) if size is None else check_size(size)
+    if width <= 0 or height <= 0:
+        raise InputError(f"image size {width}x{height} has no pixels")
     # "pad" fits the whole image: the side that reaches the target first decides the scale.
     if mode == "crop" or width * out_h >= height * out_w:
         new_w, new_h = out_w, max(PATCH_SIZE, _round_to_patch(height * (out_w / width)))
     else:
         new_w, new_h = max(PATCH_SIZE, _round_to_patch(width * (out_h / height))), out_h
+    if new_h * new_w > MAX_IMAGE_PIXELS:
+        raise ResourceError(f"a {width}x{height} image would be resized to {new_w}x{new_h} before cropping, above "
+                            f"the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (its aspect ratio is too extreme; "
+                            "crop it first, or use --mode pad)")
     crop_top = max(new_h - out_h, 0) // 2
     if mode == "crop" and size is None:
         return ResizePlan((new_h, new_w), crop_top, 0, 0, (min(new_h, out_h), new_w))
@@ -80,25 +92,43 @@ def _unreadable(path: Path, exc: Exception) -> InputError:
     return InputError(f"not a readable image: {path} ({type(exc).__name__})")
 
 
-def _open_image(path) -> Image.Image:
+def _too_large(path: Path, pixels: int) -> ResourceError:
+    return ResourceError(f"{path} declares {pixels / 1e6:.0f} megapixels, above the limit of "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} (data.images.MAX_IMAGE_PIXELS; a decompression bomb, or a "
+                         "picture to downscale first)")
+
+
+def open_image(path) -> Image.Image:
+    """An image file, opened (header read, pixels not decoded yet); InputError naming the file if it is
+    unreadable, ResourceError if it declares more than MAX_IMAGE_PIXELS pixels."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels; the limit here decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # PIL's own limit, twice its warning threshold
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, int(declared.group(1)) if declared else 2 * Image.MAX_IMAGE_PIXELS) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise _unreadable(path, exc) from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise _too_large(path, width * height)
+    return image
 
 
 def image_size(path) -> tuple[int, int]:
     """(width, height) of an image file, from its header; InputError naming the file if unreadable."""
-    with _open_image(path) as image:
+    with open_image(path) as image:
         return image.size
 
 
 def open_rgb(path) -> Image.Image:
     """An image file as RGB, alpha composited on white; InputError naming the file if unreadable."""
-    image = _open_image(path)
+    image = open_image(path)
     try:
         image.load()
     except OSError as exc:  # e.g. a truncated file: the header was fine, the pixels are not
@@ -140,6 +170,8 @@ def load_and_preprocess_images(image_path_list, mode: str = "crop", size: tuple[
         raise InputError("no images given (at least one is required)")
     if mode not in MODES:
         raise InputError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
+    for path in paths:  # every size limit checked from the headers, before any pixel is decoded
+        plan_preprocessing(*image_size(path), mode, size)
     images = [preprocess_image(open_rgb(path), mode, size) for path in paths]
     shapes = {tuple(image.shape[1:]) for image in images}
     if len(shapes) > 1:

@@ -30,7 +30,7 @@ import torch
 from ..errors import InputError
 from ..geometry import closed_form_inverse_se3, unproject_depth_map_to_point_map
 from ..log import logger
-from .images import ResizePlan, image_size, load_and_preprocess_images, plan_preprocessing
+from .images import ResizePlan, image_size, load_and_preprocess_images, open_image, plan_preprocessing
 
 DATASETS = ("synthetic-val", "synthetic-video", "folder", "co3d", "re10k", "7scenes", "nrgbd")
 DEFAULT_POSE_FRAMES = 10
@@ -174,11 +174,9 @@ def _resample_map(source: np.ndarray, plan: ResizePlan, batch_hw, offset_yx):
 
 
 def _read_depth(path: Path, decoder) -> np.ndarray:
-    from PIL import Image
-
     if not path.is_file():
         raise InputError(f"depth map not found: {path}")
-    with Image.open(path) as image:
+    with open_image(path) as image:  # the pixel limit and one-line errors of data.images
         return decoder(np.asarray(image).astype(np.float64))
 
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import QVGGTError
-from ..io import atomic_output, sha256_file, write_json
+from ..errors import InputError, QVGGTError
+from ..io import atomic_output, discard_cache, make_dirs, remove_empty_dirs, sha256_file, write_json
 from ..log import logger
 from . import spec
 
@@ -82,21 +82,51 @@ class EngineConfig:
     plugin_library: str | None = None  # C++ plugin (.so); None: the Python plugin
 
 
-def _frames(onnx_path: Path, config: EngineConfig) -> tuple[tuple[int, int, int], tuple[int, int]]:
-    import onnx
+def _frames(onnx_path: Path, config: EngineConfig) -> tuple[tuple[int, int, int], tuple[int, int], str | None]:
+    """The profile's frame counts, the input size and the activation dtype (None: not recorded)."""
+    from .onnx_io import load_onnx, model_metadata
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    export = json.loads(meta.get(spec.META_SPEC, "{}"))
+    model = load_onnx(onnx_path, load_external_data=False)
+    export = json.loads(model_metadata(model).get(spec.META_SPEC, "{}"))
     frames = (config.min_frames or export.get("min_frames", 1), config.opt_frames or export.get("opt_frames", 4),
               config.max_frames or export.get("max_frames", 32))
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     image_size = tuple(export.get("image_size", dims[-2:]))
-    return frames, image_size
+    return frames, image_size, export.get("dtype")
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
     return Path(f"{engine_path}.json")
+
+
+def read_sidecar(engine_path: str | Path) -> dict:
+    """The sidecar `build_engine` writes beside an engine; a one-line error when it is missing or damaged."""
+    sidecar = sidecar_path(engine_path)
+    if not sidecar.is_file():
+        raise InputError(f"{engine_path}: missing {sidecar.name} (engines built by `qvggt-export engine` have one)")
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{sidecar} is damaged ({type(exc).__name__}); rebuild the engine") from None
+    if not isinstance(info, dict) or not {"image_size", "frames", "backend"} <= set(info):
+        raise InputError(f"{sidecar} is damaged (not an engine sidecar); rebuild the engine")
+    return info
+
+
+def _timing_cache(builder_config, path: Path):
+    """The timing cache at `path` (empty when there is none); a damaged one is discarded with one warning."""
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = builder_config.create_timing_cache(data)
+    except (RuntimeError, TypeError, ValueError) as exc:  # what the bindings raise for bytes they reject
+        cache = None
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    else:
+        reason = "rejected by TensorRT"
+    if cache is None and data:
+        discard_cache(path, reason)
+        cache = builder_config.create_timing_cache(b"")
+    return cache
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineConfig = EngineConfig()) -> dict:
@@ -104,15 +134,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
     over the frame axis, writes it atomically; returns a summary."""
     trt = import_backend(config.backend)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    try:  # fail before a build that can take minutes
-        engine_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QVGGTError(f"cannot write to {engine_path.parent}: {exc.strerror or exc}") from None
+    created = make_dirs(engine_path.parent)  # fail before a build that can take minutes
+    try:
+        return _build(trt, onnx_path, engine_path, config)
+    except Exception:
+        remove_empty_dirs(created)  # a failed build leaves no folder it made
+        raise
+
+
+def _build(trt, onnx_path: Path, engine_path: Path, config: EngineConfig) -> dict:
     from .runtime import has_custom_nodes
 
     if has_custom_nodes(onnx_path):
         register_plugins(trt, config.plugin_library)
-    (s_min, s_opt, s_max), (h, w) = _frames(onnx_path, config)
+    (s_min, s_opt, s_max), (h, w), activations = _frames(onnx_path, config)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
     # Strongly typed for both backends: every tensor keeps its ONNX type (fp16 activations, the INT8
@@ -140,22 +175,29 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, config: EngineC
     # gets one.
     cache_path = Path(config.timing_cache) if config.timing_cache and config.backend == "tensorrt" else None
     if cache_path:
-        cache = builder_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        builder_config.set_timing_cache(cache, ignore_mismatch=True)
+        builder_config.set_timing_cache(_timing_cache(builder_config, cache_path), ignore_mismatch=True)
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise QVGGTError(f"{config.backend} failed to build an engine from {onnx_path} (see the log above)")
+    engine_bytes = bytes(serialized)
+    info = {"engine": str(engine_path), "backend": config.backend, "backend_version": trt.__version__,
+            "bytes": len(engine_bytes), "layers_parsed": network.num_layers, "frames": [s_min, s_opt, s_max],
+            "image_size": [h, w], "activations": activations, "plugin": has_custom_nodes(onnx_path),
+            "strongly_typed": True, "onnx_sha256": sha256_file(onnx_path), "seconds": round(time.perf_counter() - start, 2)}
+    # The sidecar tells `infer` and `compare` the engine's input size, activations and whether it needs the
+    # plugin. Engine and sidecar go together: a sidecar that cannot be written (a full disk) takes the new
+    # engine and the old sidecar with it; an engine that cannot be written leaves the old pair as it was.
     with atomic_output(engine_path) as tmp:
-        tmp.write_bytes(bytes(serialized))
+        tmp.write_bytes(engine_bytes)
+    try:
+        write_json(sidecar_path(engine_path), info)
+    except QVGGTError:
+        for path in (engine_path, sidecar_path(engine_path)):
+            path.unlink(missing_ok=True)
+        raise
     if cache_path:
         with atomic_output(cache_path) as tmp:
             tmp.write_bytes(bytes(builder_config.get_timing_cache().serialize()))
-    info = {"engine": str(engine_path), "backend": config.backend, "backend_version": trt.__version__,
-            "bytes": engine_path.stat().st_size, "layers_parsed": network.num_layers, "frames": [s_min, s_opt, s_max],
-            "image_size": [h, w], "plugin": has_custom_nodes(onnx_path), "strongly_typed": True, "onnx_sha256": sha256_file(onnx_path),
-            "seconds": round(time.perf_counter() - start, 2)}
-    # The sidecar tells `infer` and `compare` the engine's input size and whether it needs the plugin.
-    write_json(sidecar_path(engine_path), info)
     logger.info("built %s with %s (%d network layers, %.1f MB) in %.1f s", engine_path, config.backend,
                 network.num_layers, info["bytes"] / 1e6, info["seconds"])
     return info

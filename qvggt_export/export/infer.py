@@ -27,14 +27,11 @@ def _check_size(images: np.ndarray, image_size, frames: tuple[int, int] | None, 
 def recorded_size(model: Path) -> tuple[int, int] | None:
     """The fixed (H, W) an exported .onnx (its metadata, else its input shape) or a built .engine (its
     sidecar) takes."""
-    from .engine import sidecar_path
+    from .engine import read_sidecar
     from .onnx_io import load_onnx, model_metadata
 
     if model.suffix == ".engine":
-        sidecar = sidecar_path(model)
-        if not sidecar.is_file():
-            raise InputError(f"{model}: missing {sidecar.name} (engines built by `qvggt-export engine` have one)")
-        return tuple(json.loads(sidecar.read_text())["image_size"])
+        return tuple(read_sidecar(model)["image_size"])
     onnx_model = load_onnx(model, load_external_data=False)
     export = json.loads(model_metadata(onnx_model).get(spec.META_SPEC, "{}"))
     if "image_size" in export:
@@ -61,12 +58,9 @@ def run_engine(path: Path, images: np.ndarray, plugin_library: str | None = None
     """TensorRT / TensorRT-RTX Python runtime on CUDA memory owned by torch."""
     import torch
 
-    from .engine import import_backend, register_plugins, sidecar_path
+    from .engine import import_backend, read_sidecar, register_plugins
 
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        raise InputError(f"{path}: missing {sidecar.name} (engines built by `qvggt-export engine` have one)")
-    info = json.loads(sidecar.read_text())
+    info = read_sidecar(path)
     _check_size(images, info["image_size"], (info["frames"][0], info["frames"][2]), path)
     trt = import_backend(info["backend"])
     if info.get("plugin"):

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError, QVGGTError
+from ..io import TMP_SUFFIX, make_dirs, remove_empty_dirs, resource_error, resource_errors
 
 # Protobuf cannot hold more than 2 GiB; above this many weight bytes the model goes to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -19,24 +20,32 @@ def save_onnx(write, path: Path) -> None:
     """Atomic save of a model that may come with `<name>.data` external data: `write(tmp)` writes the
     model (and its data) in a temporary folder beside `path` under their final names (the model refers
     to its data file by name), then both are moved, the model last, so a killed run never leaves a
-    model without its data."""
+    model without its data. A full disk is a ResourceError, and leaves no temporary folder, nor the
+    folders made for `path`."""
     path = Path(path)
+    created = make_dirs(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
     except OSError as exc:
-        raise QVGGTError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+        remove_empty_dirs(created)
+        raise resource_error(exc, f"writing {path}") or QVGGTError(
+            f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+    done = False
     try:
-        tmp = tmpdir / path.name
-        write(tmp)
-        data, final_data = tmpdir / (path.name + ".data"), path.with_name(path.name + ".data")
-        if data.exists():
-            os.replace(data, final_data)
-        elif final_data.exists():
-            final_data.unlink()  # left by an earlier, larger export of the same name
-        os.replace(tmp, path)
+        with resource_errors(f"writing {path}"):
+            tmp = tmpdir / path.name
+            write(tmp)
+            data, final_data = tmpdir / (path.name + ".data"), path.with_name(path.name + ".data")
+            if data.exists():
+                os.replace(data, final_data)
+            elif final_data.exists():
+                final_data.unlink()  # left by an earlier, larger export of the same name
+            os.replace(tmp, path)
+        done = True
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if not done:
+            remove_empty_dirs(created)
 
 
 def save_proto(model, path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import __version__, arch
-from ..io import atomic_output, sha256_json, sha256_tensors, write_json
+from ..io import load_cache_tensors, save_cache_tensors, sha256_json, sha256_tensors, write_json
 from ..log import logger
 from .calibration_set import CalibrationSet
 from .distributed import Shard, barrier, current_shard
@@ -79,10 +79,8 @@ def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | Non
         finally:
             forward.close()
         if directory is not None and shard.is_main:
-            from safetensors.torch import save_file
-
-            with atomic_output(directory / STATS_FILE) as tmp:
-                save_file(stats.to_tensors(), str(tmp), metadata={"identity": json.dumps(identity, sort_keys=True)})
+            save_cache_tensors(stats.to_tensors(), directory / STATS_FILE,
+                               {"identity": json.dumps(identity, sort_keys=True)})
     report = None
     if sensitivity:
         forward = make_forward(model, scenes, dtype, cached, scope)
@@ -110,14 +108,14 @@ def calibrate(model: nn.Module, calib: CalibrationSet, out_dir: str | Path | Non
 
 
 def _cached_stats(directory: Path | None, identity: dict) -> ActivationStats | None:
-    if directory is None or not (directory / STATS_FILE).is_file():
+    """The statistics cached in `directory` for `identity`; None (recompute) when there are none, when they
+    are for another run, or when the file is damaged (discarded with one warning: io.load_cache_tensors)."""
+    loaded = None if directory is None else load_cache_tensors(directory / STATS_FILE)
+    if loaded is None:
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(directory / STATS_FILE), framework="pt") as f:
-        if json.loads((f.metadata() or {}).get("identity", "null")) != identity:
-            logger.info("calibration statistics in %s are for another model, data or settings; recomputing", directory)
-            return None
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, metadata = loaded
+    if json.loads(metadata.get("identity", "null")) != identity:
+        logger.info("calibration statistics in %s are for another model, data or settings; recomputing", directory)
+        return None
     logger.info("reusing activation statistics from %s", directory / STATS_FILE)
     return ActivationStats.from_tensors(tensors)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..io import atomic_output, sha256_json, write_json
+from ..io import load_cache_tensors, read_cache_json, save_cache_tensors, sha256_json, write_cache_json
 from ..log import logger
 from .linear import PrescaledLinear
 from .modules import replace_module
@@ -33,12 +33,12 @@ class QuantizeProgress:
         self.directory = None if directory is None else Path(directory) / f"quantize-{sha256_json(key)[:16]}"
         self.key, self.writer = key, writer
         self.done: dict[str, dict] = {}  # block name -> report entries of its linears
-        if self.directory is not None and (self.directory / PROGRESS_FILE).is_file():
-            saved = json.loads((self.directory / PROGRESS_FILE).read_text())
-            if saved.get("key") == json.loads(json.dumps(key, default=str)):
-                self.done = saved["blocks"]
-                if self.done:
-                    logger.info("quantize: resuming from %s (%d blocks done)", self.directory, len(self.done))
+        # A damaged progress.json is discarded with one warning (io.read_cache_json): the run starts afresh.
+        saved = read_cache_json(self.directory / PROGRESS_FILE) if self.directory is not None else None
+        if saved is not None and saved.get("key") == json.loads(json.dumps(key, default=str)):
+            self.done = saved["blocks"]
+            if self.done:
+                logger.info("quantize: resuming from %s (%d blocks done)", self.directory, len(self.done))
 
     def is_done(self, block: str) -> bool:
         return block in self.done
@@ -48,20 +48,23 @@ class QuantizeProgress:
         self.done[block] = json.loads(json.dumps(entries, sort_keys=True))
         if self.directory is None or not self.writer:
             return
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.get_submodule(block).state_dict().items()}
         tensors.update({SCALE_PREFIX + name: s.detach().cpu().contiguous() for name, s in scales.items()})
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_output(self.directory / f"{block}.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        write_json(self.directory / PROGRESS_FILE, {"key": self.key, "blocks": self.done})
+        save_cache_tensors(tensors, self.directory / f"{block}.safetensors")
+        write_cache_json(self.directory / PROGRESS_FILE, {"key": self.key, "blocks": self.done})
 
-    def load_block(self, model: nn.Module, block: str) -> dict[str, Tensor]:
-        """Puts a finished block back into `model`; returns its linears' quantization scales."""
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self.directory / f"{block}.safetensors"))
+    def load_block(self, model: nn.Module, block: str) -> dict[str, Tensor] | None:
+        """Puts a finished block back into `model`; returns its linears' quantization scales. None when its
+        file is missing or damaged (discarded with one warning): the caller quantizes the block again, which
+        gives the same result (the blocks before it are in place)."""
+        path = self.directory / f"{block}.safetensors"
+        if not path.is_file():
+            logger.warning("quantize: the saved state of %s is missing (%s); quantizing it again", block, path)
+        loaded = load_cache_tensors(path)  # warns once when damaged
+        if loaded is None:
+            self.done.pop(block, None)
+            return None
+        tensors = loaded[0]
         device = next(model.parameters()).device
         scales = {k[len(SCALE_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(SCALE_PREFIX)}
         state = {k: v for k, v in tensors.items() if not k.startswith(SCALE_PREFIX)}

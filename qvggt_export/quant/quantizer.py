@@ -467,8 +467,10 @@ def quantize_model(model_fp: nn.Module, calib: CalibrationSet, config: QuantConf
         quantizer = BlockQuantizer(model, forward, calibration, plan, config, targets, shard, total)
         blocks = arch.quant_blocks(model, config.scope)
         for block in tqdm(blocks, desc=f"quantize ({config.method})", unit="block", disable=not shard.is_main):
-            if progress.is_done(block.name):
-                quantizer.qscales.update(progress.load_block(model, block.name))
+            # A saved block whose file is damaged or missing is quantized again (load_block gives None).
+            saved = progress.load_block(model, block.name) if progress.is_done(block.name) else None
+            if saved is not None:
+                quantizer.qscales.update(saved)
                 report.resumed_blocks += 1
             else:
                 entries = quantizer.quantize_block(block)

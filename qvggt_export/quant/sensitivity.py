@@ -9,7 +9,6 @@ after every entry, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import arch
-from ..io import write_json
+from ..io import read_cache_json, write_cache_json
 from ..log import logger
 from .distributed import Shard, gather_in_order
 from .forward import FullModelForward
@@ -46,8 +45,9 @@ def sensitivity_analysis(model: nn.Module, forward: FullModelForward, fp_preds: 
     """Fills (or resumes) the report at `path` (rank 0 writes it); `identity` (model and calibration hashes)
     decides whether a cached partial report belongs to this run. `forward` must be at the first block."""
     report = None
-    if path is not None and Path(path).is_file():
-        cached = json.loads(Path(path).read_text())
+    # A damaged report is discarded (one warning) and the analysis starts afresh (io.read_cache_json).
+    cached = read_cache_json(path) if path is not None else None
+    if cached is not None:
         if cached.get("identity") == identity:
             report = cached
             logger.info("sensitivity: resuming %s (%d blocks, %d types done)", path, len(cached["blocks"]),
@@ -74,13 +74,16 @@ def sensitivity_analysis(model: nn.Module, forward: FullModelForward, fp_preds: 
                 report[section][key] = {"score": loss - base, "task_loss": loss, "parts": parts,
                                         "fidelity": mean_fidelity(per_scene), "seconds": time.perf_counter() - start}
                 if path is not None and shard.is_main:
-                    write_json(path, report)
+                    write_cache_json(path, report)
                 bar.update()
             if block is not None:
                 forward.advance(block)  # the block stays full precision: later trials see it as FP
     report["complete"] = True
+    # Entries in trial order (a report read back from disk has its keys sorted): the figure's axis order.
+    for section in ("linear_types", "blocks"):
+        report[section] = {key: report[section][key] for sec, key, _, _ in jobs if sec == section}
     if path is not None and shard.is_main:
-        write_json(path, report)
+        write_cache_json(path, report)
     return report
 def save_figure(report: dict, path: Path) -> Path:
     """PNG: per-block heat map of each head's error and the score, and bars per linear type."""
