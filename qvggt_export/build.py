@@ -24,6 +24,7 @@ from .visualize import DEFAULT_CONF_PERCENTILE
 
 STAGES_DIR = ".stages"
 LOCK_FILE = "lock"  # in STAGES_DIR: held (flock) while a build runs in the folder
+CALIB_DIR = "calib"
 
 
 @dataclass
@@ -110,7 +111,8 @@ class Stages:
                 # Never left for the rerun to read (a cache among the outputs would be): removed here.
                 logger.warning("[%s] %s is not what the stage wrote (damaged or edited); discarded, rerunning the "
                                "stage", name, path)
-                path.unlink()
+                if self.writer:
+                    path.unlink(missing_ok=True)
                 return False
         return True
 
@@ -171,7 +173,8 @@ def build(config: BuildConfig) -> dict:
         return _build(config, stages, source, source_sha, shard)
     root_is_new = not root.exists()
     with exclusive_lock(root / STAGES_DIR / LOCK_FILE, f"build folder {root}"):
-        stale = remove_stale_temporaries(root)
+        calib_dir = root / CALIB_DIR
+        stale = remove_stale_temporaries(root, root / STAGES_DIR, calib_dir, *calib_dir.glob("quantize-*"))
         if stale:
             logger.info("removed %d temporary file(s) that a killed build left in %s", len(stale), root)
         try:
@@ -192,7 +195,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
 
     root = stages.root
     quantized = config.precision != "fp16"
-    qpath, calib_dir, onnx_path = root / "quantized.safetensors", root / "calib", root / "model.onnx"
+    qpath, calib_dir, onnx_path = root / "quantized.safetensors", root / CALIB_DIR, root / "model.onnx"
     model_fp = None
 
     def fp_model():

@@ -24,7 +24,10 @@ TMP_SUFFIX = ".tmp"
 RESOURCE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                    errno.EFBIG: "file size limit exceeded"}
 _OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)")  # how safetensors' Rust writer reports an OSError
-_CPU_OOM = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator (a RuntimeError)
+# How allocators that raise a generic error say they ran out: torch's CPU allocator (a RuntimeError), ONNX
+# Runtime's arena and C++'s operator new (ONNX Runtime's RuntimeException).
+ALLOCATION_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "Failed to allocate memory", "bad allocation",
+                       "std::bad_alloc")
 _ALLOCATION = re.compile(r"[Tt]ried to allocate ([\d.]+ ?\w+)")
 CONTENT_HASH = "qvggt_content_sha256"  # key of the content hash a cache file carries
 
@@ -49,13 +52,13 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")  # a torch error can only come from an imported torch
     if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and _CPU_OOM in str(exc)
+    return any(text in str(exc) for text in ALLOCATION_FAILURES)
 
 
 def resource_error(exc: BaseException, doing: str = "") -> ResourceError | None:
     """The one-line error when `exc` means the disk or the memory ran out (OSError ENOSPC / EDQUOT / EFBIG,
-    safetensors' wrapping of them, MemoryError, torch's CPU and CUDA out-of-memory errors); None for
-    anything else. `doing`: what was going on ("writing X")."""
+    safetensors' wrapping of them, MemoryError, torch's CPU and CUDA out-of-memory errors, an allocator's
+    ALLOCATION_FAILURES message); None for anything else. `doing`: what was going on ("writing X")."""
     where = f" {doing}" if doing else ""
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None and isinstance(exc, _safetensor_error()):
@@ -163,10 +166,11 @@ class removed_on_error:  # noqa: N801 (used as a context manager, like contextli
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
-    """Deletes the temporary files and folders (`.NAME.<random>.tmp`) that a killed writer left under
-    `root`; call it only while holding the folder's lock. Returns what it removed."""
-    stale = [p for p in Path(root).rglob(f".*{TMP_SUFFIX}") if p.name.count(".") >= 3]
+def remove_stale_temporaries(*folders: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files and folders (`.NAME.<random>.tmp`) that a killed writer left in `folders`
+    (not below them); call it only while holding their lock. Returns what it removed."""
+    stale = [p for folder in folders if Path(folder).is_dir() for p in Path(folder).glob(f".*{TMP_SUFFIX}")
+             if p.name.count(".") >= 3]
     for p in stale:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -3,6 +3,7 @@ plain reference (the whole model per trial; one process; one uninterrupted run).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,7 +146,8 @@ def test_changed_setting_does_not_resume_foreign_progress(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_give_a_byte_identical_checkpoint(tmp_path):
-    """`torchrun --nproc-per-node 2` (gloo on the CPU) through the real CLI vs one process."""
+    """`torchrun --nproc-per-node 2` (gloo on the CPU) through the real CLI vs one process, every process at one
+    intra-op thread: the bytes are equal at equal thread counts only (README, "Same bytes means")."""
     checkpoint = tmp_path / "small.safetensors"
     save_vggt(small_model(), checkpoint)
     args = ["quantize", "--checkpoint", str(checkpoint), "--calib-scenes", "3", "--calib-frames", "2",
@@ -160,3 +162,5 @@ def test_torchrun_two_processes_give_a_byte_identical_checkpoint(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert double.read_bytes() == single.read_bytes()
+    for out in (single, double):  # the pin, as each run recorded it
+        assert json.loads(out.with_suffix(".json").read_text())["run"]["intra_op_threads"] == 1

@@ -466,6 +466,27 @@ def test_running_out_of_memory_in_the_forward_is_one_line(tmp_path, monkeypatch,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_running_out_of_memory_in_onnx_runtime_is_one_line(reference, tmp_path, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    import qvggt_export.export.runtime as runtime
+
+    class Session:
+        def run(self, names, feed):
+            raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                                   "running MatMul node. Failed to allocate memory for requested buffer of size 123")
+
+    monkeypatch.setattr(runtime, "ort_session", lambda model: Session())
+    views = []
+    for i in range(2):
+        views.append(tmp_path / f"view{i}.png")
+        Image.new("RGB", (1036, 56), (40 * i, 90, 200)).save(views[-1])
+    code, output = _run(["infer", reference[1] / "model.qdq.onnx", *views, "--out", tmp_path / "p.npz"])
+    assert code == 2
+    _one_error_line(output, "out of memory running 2 views of 28x518 through model.qdq.onnx")
+    assert not (tmp_path / "p.npz").exists()
+
+
 # ------------------------------------------------------------------------------ engines
 
 
@@ -521,6 +542,16 @@ def test_a_second_build_into_the_same_folder_fails_at_once(reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------ kills
+
+
+def test_temporary_files_a_kill_left_are_removed_by_the_next_build(reference, tmp_path):
+    config, out = _copy(reference, tmp_path)
+    (out / f".model.onnx.k1ll3d{TMP_SUFFIX}").mkdir()  # save_onnx's folder
+    (out / f".model.onnx.k1ll3d{TMP_SUFFIX}" / "model.onnx").write_bytes(b"half")
+    (out / "calib" / f".stats.safetensors.k1ll3d{TMP_SUFFIX}").write_bytes(b"half")  # atomic_output's file
+    (out / "notes.tmp").write_text("the user's")
+    _assert_up_to_date(config)
+    assert not list(out.rglob(f".*{TMP_SUFFIX}")) and (out / "notes.tmp").read_text() == "the user's"
 
 
 @pytest.mark.slow

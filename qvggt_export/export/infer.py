@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, QVGGTError
+from ..io import resource_error
 from ..log import logger
 from ..visualize import ReconstructionOutputs
 from . import spec
@@ -49,8 +50,17 @@ def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     export = json.loads(model_metadata(model).get(spec.META_SPEC, "{}"))
     if "image_size" in export:
         _check_size(images, export["image_size"], (export["min_frames"], export["max_frames"]), path)
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
     session = ort_session(lower(load_onnx(path), "ort") if has_custom_nodes(path) else path)
-    outs = session.run(list(spec.OUTPUT_NAMES), {spec.INPUT_NAME: images[None].astype(np.float32)})
+    try:
+        outs = session.run(list(spec.OUTPUT_NAMES), {spec.INPUT_NAME: images[None].astype(np.float32)})
+    except (RuntimeException, MemoryError) as exc:  # ONNX Runtime's allocation failures: one line
+        error = resource_error(exc, f"running {images.shape[0]} views of {images.shape[-2]}x{images.shape[-1]} "
+                                    f"through {path.name}")
+        if error is None:
+            raise
+        raise error from None
     return dict(zip(spec.OUTPUT_NAMES, outs))
 
 
