@@ -51,10 +51,16 @@ def activations_of(source) -> tuple[str, str]:
     path = Path(source)
     if path.suffix == ".engine":
         from .export.engine import read_sidecar
+        from .io import sha256_file
 
-        dtype = read_sidecar(path).get("activations")
-        return (dtype, f"{path.name}: {dtype} activations in its sidecar") if dtype in spec.REL_TOL else (
-            "fp32", f"{path.name}: activations not recorded in its sidecar, fp32 assumed")
+        info = read_sidecar(path)
+        if info.get("activations") in spec.REL_TOL:
+            return info["activations"], f"{path.name}: {info['activations']} activations in its sidecar"
+        graph = path.with_suffix(".onnx")  # an older sidecar: the graph beside it, if it is the one built from
+        if graph.is_file() and info.get("onnx_sha256") == sha256_file(graph):
+            dtype, why = activations_of(graph)
+            return dtype, f"{path.name}, built from {why}"
+        return "fp32", f"{path.name}: activations not recorded in its sidecar, fp32 assumed"
     from .export.lower import META_TARGET
     from .export.onnx_io import load_onnx, model_metadata
 

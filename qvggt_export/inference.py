@@ -15,14 +15,14 @@ PREDICTION_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_poi
 _FLOATS_PER_PIXEL = 1 + 1 + 3 + 1 + 3
 
 
-def forward_bytes(config, views: int, hw: tuple[int, int]) -> int:
-    """A lower bound of the memory a forward pass of `views` views of hw holds at once (fp32): the input,
-    the aggregator outputs the heads read (each 2 x embed_dim per token) and the dense outputs. The
-    blocks' own activations and the DPT heads' feature maps come on top."""
+def forward_bytes(config, views: int, hw: tuple[int, int], element_size: int = 4) -> int:
+    """A lower bound of the memory a forward pass of `views` views of hw holds at once, with activations of
+    `element_size` bytes: the input, the aggregator outputs the heads read (each 2 x embed_dim per token)
+    and the dense outputs. The blocks' own activations and the DPT heads' feature maps come on top."""
     h, w = hw
     tokens = views * ((h // config.patch_size) * (w // config.patch_size) + 1 + config.num_register_tokens)
     kept = len(config.kept_layers) * tokens * 2 * config.embed_dim
-    return 4 * (kept + views * h * w * _FLOATS_PER_PIXEL)
+    return element_size * (kept + views * h * w * _FLOATS_PER_PIXEL)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -50,7 +50,8 @@ def check_memory(model: torch.nn.Module, views: int, hw: tuple[int, int], device
     free = available_memory(device)
     if config is None or free is None:
         return
-    need = forward_bytes(config, views, hw)
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    need = forward_bytes(config, views, hw, weight.element_size() if weight is not None else 4)
     if need > free:
         raise ResourceError(f"{views} views of {hw[0]}x{hw[1]} need at least {need / 1e9:.1f} GB for the forward "
                             f"pass and {free / 1e9:.1f} GB is free on {device}; use fewer views (or smaller ones)")

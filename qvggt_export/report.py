@@ -171,10 +171,14 @@ def _polygraphy_section(data: ReportData) -> str:
         worst = max(s["relative_error"][name] for s in result["scenes"]) if result["scenes"] else None
         rows.append([name, result["atol"][name], stats.get("max_absdiff"), stats.get("mean_absdiff"), worst,
                      ("yes" if stats["passed"] else "no") if "passed" in stats else "-"])
+    tolerance = result.get("tolerance")
+    told = "" if tolerance is None else (
+        f", atol = {'/'.join(f'{v:g}' for v in sorted(set(tolerance['rel_tol'].values())))} x the reference "
+        f"output's range ({html.escape(tolerance['source'])})")
     return "\n".join([
         "<h2>Polygraphy</h2>",
         f"<p>Comparator over {len(result['scenes'])} scene(s), check_error_stat {html.escape(result['error_stat'])}, "
-        f"rtol 0: {_verdict(result['polygraphy_passed'])}.</p>",
+        f"rtol 0{told}: {_verdict(result['polygraphy_passed'])}.</p>",
         _table("polygraphy", ["output", "atol", "max |diff|", "mean |diff|", "max |diff| / range", "passed"], rows),
     ])
 

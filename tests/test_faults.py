@@ -163,16 +163,23 @@ DAMAGE = [
     ("calib/manifest.json", _garbage, {"calibrate+quantize"}),
     ("quantized.safetensors", _flip, {"calibrate+quantize"}),
     ("quantized.safetensors", _truncate, {"calibrate+quantize"}),
+    pytest.param("model.onnx", _truncate, {"export"}, marks=pytest.mark.slow),  # 16 s of tracing again
     ("model.qdq.onnx", _truncate, {"lower-qdq"}),
     ("model.qdq.onnx", _flip, {"lower-qdq"}),
     ("compare.json", _garbage, {"compare"}),
     ("report.html", _truncate, {"compare"}),
+    (f"{STAGES_DIR}/calibrate+quantize.json", _truncate, {"calibrate+quantize"}),
     (f"{STAGES_DIR}/lower-qdq.json", _garbage, {"lower-qdq"}),
     (f"{STAGES_DIR}/compare.json", _not_a_record, {"compare"}),
 ]
 
 
-@pytest.mark.parametrize("name, damage, rerun", DAMAGE, ids=[f"{n}-{d.__name__[1:]}" for n, d, _ in DAMAGE])
+def _damage_id(case) -> str:
+    name, damage, _ = case.values if hasattr(case, "values") else case
+    return f"{name}-{damage.__name__[1:]}"
+
+
+@pytest.mark.parametrize("name, damage, rerun", DAMAGE, ids=[_damage_id(case) for case in DAMAGE])
 def test_a_damaged_file_of_a_previous_run_is_redone_never_used(reference, tmp_path, name, damage, rerun):
     config, out = _copy(reference, tmp_path)
     damage(out / name)
@@ -623,3 +630,17 @@ def test_compare_takes_the_tolerance_of_what_the_candidate_is(reference, tmp_pat
     assert tolerance_for(fp32_graph, out / "model.qdq.onnx")["activations"] == "fp16"  # the less precise side
     unknown = tolerance_for(graph(tmp_path / "foreign.onnx", {}), torch.nn.Linear(2, 2))
     assert unknown["activations"] == "fp32" and "no export spec, fp32 assumed" in unknown["source"]
+
+    # An engine: its sidecar says; an older sidecar: the graph beside it, if its hash is the one built from.
+    from qvggt_export.io import sha256_file
+
+    engine = tmp_path / "model.qdq.engine"
+    engine.write_bytes(b"engine")
+    sidecar = {"image_size": list(IMAGE_SIZE), "frames": [1, 2, 4], "backend": "tensorrt-rtx"}
+    write_json(tmp_path / "model.qdq.engine.json", {**sidecar, "activations": "fp16"})
+    assert tolerance_for(engine, torch.nn.Linear(2, 2))["source"] == "model.qdq.engine: fp16 activations in its sidecar"
+    shutil.copy(out / "model.qdq.onnx", tmp_path / "model.qdq.onnx")
+    write_json(tmp_path / "model.qdq.engine.json", {**sidecar, "onnx_sha256": sha256_file(out / "model.qdq.onnx")})
+    assert tolerance_for(engine, torch.nn.Linear(2, 2))["activations"] == "fp16"
+    write_json(tmp_path / "model.qdq.engine.json", {**sidecar, "onnx_sha256": "another graph"})
+    assert tolerance_for(engine, torch.nn.Linear(2, 2))["activations"] == "fp32"
