@@ -59,7 +59,7 @@ def resource_error(exc: BaseException, doing: str = "") -> ResourceError | None:
     """The one-line error when `exc` means the disk or the memory ran out (OSError ENOSPC / EDQUOT / EFBIG,
     safetensors' wrapping of them, MemoryError, torch's CPU and CUDA out-of-memory errors, an allocator's
     ALLOCATION_FAILURES message); None for anything else. `doing`: what was going on ("writing X")."""
-    where = f" {doing}" if doing else ""
+    where = f" {doing}" if doing else (f" ({exc.filename})" if getattr(exc, "filename", None) else "")
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None and isinstance(exc, _safetensor_error()):
         match = _OS_ERROR_IN_MESSAGE.search(str(exc))

@@ -287,6 +287,19 @@ def test_resource_errors_are_recognised():
         assert resource_error(other) is None
 
 
+def test_the_cli_turns_any_full_disk_into_one_line(tmp_path, monkeypatch):
+    """A full disk outside the package's writers (a library's own file) still ends in one line, exit 2."""
+    import qvggt_export.predict as predict
+
+    def save(path, predictions):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/somebody-elses.cache")
+
+    monkeypatch.setattr(predict, "save_predictions", save)
+    code, output = _run(["predict", "--scene", "synthetic:3", "--views", "2", "--out", tmp_path / "p.npz"])
+    assert code == 2
+    _one_error_line(output, "error: no space left on device (/tmp/somebody-elses.cache); free some space")
+
+
 def test_a_full_disk_in_any_writer_leaves_nothing(tmp_path):
     """atomic_output (every artifact but ONNX files) and save_onnx: a write that fails for lack of space is a
     ResourceError naming the file; no temporary file, and no folder made for it, is left."""
