@@ -18,6 +18,10 @@ def session_options(threads: int | None = None):
     options = ort.SessionOptions()
     options.add_session_config_entry(*ACCURACY_LEVEL_CONFIG)
     options.log_severity_level = 3
+    # ORT's memory pattern replays the first run's allocations as one block on every later run: at VGGT-1B
+    # width and 518x518 that took the W4A16 graph from 4.8 to 7.7 GB peak RSS at S = 4 (docs/deploy.md),
+    # for no measurable speed (the layers' arithmetic dwarfs allocation).
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     return options
