@@ -43,7 +43,7 @@ class BenchConfig:
     device: str = "cpu"  # PyTorch cases only; on cuda W4A16 runs the CUDA kernel (ONNX Runtime stays on the CPU)
 
 
-def _rtn_quantized(model):
+def rtn_quantized(model):
     """Uniform W4A16 round-to-nearest copy: the bench measures the format, not the method."""
     import copy
 
@@ -82,7 +82,7 @@ def _prepare(config: BenchConfig) -> dict:
 
     work = Path(config.workdir)
     fp = _full_precision(config)
-    q = load_model(config.quantized) if config.quantized else _rtn_quantized(fp)
+    q = load_model(config.quantized) if config.quantized else rtn_quantized(fp)
     size = tuple(config.image_size or fp.config.default_image_size)
     checkpoints = {"fp32": work / "fp32.safetensors", "w4a16": work / "w4a16.safetensors"}
     save_vggt(fp, checkpoints["fp32"])
