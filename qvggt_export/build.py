@@ -16,8 +16,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import InputError, QVGGTError
-from .io import (discard_cache, exclusive_lock, remove_stale_temporaries, removed_on_error, sha256_file,
-                 sha256_json, write_json)
+from .io import (discard_cache, exclusive_lock, read_json_or_discard, remove_stale_temporaries, removed_on_error,
+                 sha256_file, sha256_json, write_json)
 from .log import logger
 from .report import REPORT_NAME
 from .visualize import DEFAULT_CONF_PERCENTILE
@@ -83,12 +83,8 @@ class Stages:
 
     def _record(self, name: str) -> dict | None:
         sidecar = self._sidecar(name)
-        if not sidecar.is_file():
-            return None
-        try:
-            record = json.loads(sidecar.read_text())
-        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
-            discard_cache(sidecar, f"unreadable: {type(exc).__name__}")
+        record = read_json_or_discard(sidecar)
+        if record is None:
             return None
         if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
             discard_cache(sidecar, "not a stage record")

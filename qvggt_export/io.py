@@ -309,16 +309,23 @@ def write_cache_json(path: str | os.PathLike, obj: dict) -> None:
     write_json(path, {**body, CONTENT_HASH: sha256_json(body)})
 
 
-def read_cache_json(path: str | os.PathLike) -> dict | None:
-    """What write_cache_json wrote (without the hash); None when it is missing, or unreadable or altered
-    (then discarded, with one warning)."""
+def read_json_or_discard(path: str | os.PathLike):
+    """The JSON value in `path`; None when it is missing, or unreadable (then discarded, with one warning)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        obj = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         discard_cache(path, f"unreadable: {type(exc).__name__}")
+        return None
+
+
+def read_cache_json(path: str | os.PathLike) -> dict | None:
+    """What write_cache_json wrote (without the hash); None when it is missing, or unreadable or altered
+    (then discarded, with one warning)."""
+    obj = read_json_or_discard(path)
+    if obj is None:
         return None
     if not isinstance(obj, dict) or obj.get(CONTENT_HASH) != sha256_json(
             {k: v for k, v in obj.items() if k != CONTENT_HASH}):
