@@ -20,6 +20,7 @@ from .io import (discard_cache, exclusive_lock, read_json_or_discard, remove_sta
                  sha256_file, sha256_json, write_json)
 from .log import logger
 from .report import REPORT_NAME
+from .vocabulary import FAST_PRESET
 from .visualize import DEFAULT_CONF_PERCENTILE
 
 STAGES_DIR = ".stages"
@@ -47,7 +48,7 @@ class BuildConfig:
     compare_frames: int = 4
     device: str | None = None  # calibration and quantization: None = cuda when available, else cpu
     dtype: str | None = None  # their forward dtype: None = bf16 on CUDA, fp32 on the CPU
-    fast: bool = False  # quantizer.FAST_PRESET
+    fast: bool = False  # vocabulary.FAST_PRESET
     scope: str = "aggregator"  # the blocks the plan covers (arch.SCOPES)
 
     def check(self) -> None:
@@ -265,7 +266,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
 
 
 def _quant_config(config: BuildConfig, device):
-    from .quant.quantizer import FAST_PRESET, QuantConfig
+    from .quant.quantizer import QuantConfig
 
     return QuantConfig(method=config.method, plan=config.plan, precision=config.precision, device=str(device),
                        dtype=config.dtype, scope=config.scope, **(FAST_PRESET if config.fast else {}))

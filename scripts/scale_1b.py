@@ -24,7 +24,8 @@ from qvggt_export import arch
 from qvggt_export.model import VGGT, VGGTConfig, load_model
 from qvggt_export.model.presets import vggt1b_shallow_config
 from qvggt_export.quant.calibration_set import load_calibration
-from qvggt_export.quant.quantizer import FAST_PRESET, QuantConfig, quantize_model
+from qvggt_export.quant.quantizer import QuantConfig, quantize_model
+from qvggt_export.vocabulary import FAST_PRESET
 
 
 def block_flops(model: VGGT, tokens: int) -> float:

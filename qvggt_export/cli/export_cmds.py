@@ -9,7 +9,8 @@ import click
 
 from . import check_device, main
 from .model_cmds import CHECKPOINT_HELP, CHECKPOINT_SOURCES, reconstruction_options
-from .quant_cmds import FAST_HELP, device_options, scope_option
+from ..vocabulary import fast_preset_help
+from .quant_cmds import device_options, scope_option
 
 
 # Counts and tolerances: click checks them, and the CLI group turns a bad value into one `error:` line.
@@ -197,7 +198,7 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 @_frame_options
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx", "none"]), default=None,
               help="Engine backend (default: whichever TensorRT imports; none: skip the engine).")
-@click.option("--fast", is_flag=True, help=f"Quantizer preset for large models: {FAST_HELP}.")
+@click.option("--fast", is_flag=True, help=f"Quantizer preset for large models: {fast_preset_help()}.")
 @scope_option
 @device_options
 def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, plan, out, image_size, min_frames,

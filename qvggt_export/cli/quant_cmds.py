@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..vocabulary import FAST_PRESET, SEARCH_GRID, TASK_TOPK, fast_preset_help
 from . import main
 
-FAST_HELP = "grid 6 alphas, top-2 task-aware candidates"
 
 
 def calibration_options(fn):
@@ -109,8 +109,8 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
 @click.option("--no-token-filter", is_flag=True, help="QVGGT with scale statistics from all tokens.")
 @click.option("--no-cic", is_flag=True, help="QVGGT without the camera information compensation token.")
 @click.option("--no-task-aware", is_flag=True, help="QVGGT scale search by layer reconstruction only.")
-@click.option("--grid", default=11, show_default=True, help="Scale-search alphas on [0, 1].")
-@click.option("--task-topk", default=3, show_default=True, help="Alphas per layer scored by the task loss.")
+@click.option("--grid", default=SEARCH_GRID, show_default=True, help="Scale-search alphas on [0, 1].")
+@click.option("--task-topk", default=TASK_TOPK, show_default=True, help="Alphas per layer scored by the task loss.")
 @click.option("--targets", default="auto", show_default=True,
               help="auto: ground truth when the calibration set has it; fp: FP model outputs.")
 @click.option("--rounding", default=None, type=click.Choice(["rtn", "gptq"]),
@@ -118,7 +118,7 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
 @click.option("--act-order", is_flag=True, help="GPTQ rounding: columns by decreasing Hessian diagonal.")
 @click.option("--loss-weights", default=None, metavar="cam=W,depth=W,point=W,geo=W",
               help="Task-loss weights of the task-aware search (default: all 1, as the paper).")
-@click.option("--fast", is_flag=True, help=f"Preset for large models: {FAST_HELP}.")
+@click.option("--fast", is_flag=True, help=f"Preset for large models: {fast_preset_help()}.")
 @scope_option
 @device_options
 def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, out_path, method, plan, protect,
@@ -132,7 +132,7 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     from ..errors import QVGGTError
     from ..io import removed_on_error, write_json
     from ..model import save_quantized
-    from ..quant.quantizer import FAST_PRESET, QuantConfig, quantize_model, weight_bytes
+    from ..quant.quantizer import QuantConfig, quantize_model, weight_bytes
 
     settings = dict(grid=grid, task_topk=task_topk)
     if fast:

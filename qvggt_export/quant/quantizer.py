@@ -37,6 +37,7 @@ from .forward import DTYPES, FullModelForward, autocast, make_forward, resolve_d
 from .gptq import gptq_quantize
 from .linear import QuantLinear
 from .modules import replace_module, restore, snapshot
+from ..vocabulary import SEARCH_GRID, TASK_TOPK
 from .objective import LOSS_WEIGHTS, Targets, check_finite, gathered_task_loss, make_targets
 from .plan import auto_plan, check_scope, paper_plan, quantized_layers, read_plan_file, summarize, uniform_plan
 from .progress import QuantizeProgress
@@ -45,8 +46,6 @@ from .scale import (apply_scale, candidate_scales, clip_search, fake_quantize_wi
                     weight_channel_mean)
 
 COMPONENTS = ("mixed", "token_filter", "cic", "task_aware")
-# `--fast`: fewer scale candidates and task-aware trials (the trials dominate the time on VGGT-1B).
-FAST_PRESET = {"grid": 10, "task_topk": 2}
 ROUNDINGS = ("rtn", "gptq")
 UNSCALED = "none"  # the no-scaling candidate of the search under GPTQ rounding (report: alpha "none")
 
@@ -82,8 +81,8 @@ class QuantConfig:
     protect: int | None = None
     threshold: float | None = None
     precision: str = "w4a16"
-    grid: int = 20  # alphas 0, 1/grid, ..., (grid-1)/grid (AutoAWQ's grid)
-    task_topk: int = 3  # alphas per scale group (best by reconstruction) scored by the task loss
+    grid: int = SEARCH_GRID  # alphas 0, 1/grid, ..., (grid-1)/grid
+    task_topk: int = TASK_TOPK  # alphas per scale group (best by reconstruction) scored by the task loss
     targets: str = "auto"  # "auto" (ground truth when the calibration set has it) | "fp"
     cic_components: int = DEFAULT_COMPONENTS
     rounding: str | None = None  # None: the method's own
