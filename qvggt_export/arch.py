@@ -94,6 +94,13 @@ def encoder_depth(model: nn.Module) -> int:
     return len(getattr(model.aggregator.patch_embed, "blocks", ()))
 
 
+def position_embedding_owner(model: nn.Module) -> nn.Module | None:
+    """The module whose `interpolate_pos_encoding(grid_h, grid_w, dtype)` resizes a learned position embedding
+    to the image's patch grid (DINOv2's patch embed), or None (the conv patchify has none)."""
+    owner = model.aggregator.patch_embed
+    return owner if hasattr(owner, "interpolate_pos_encoding") else None
+
+
 def quant_blocks(model: nn.Module, scope: str = DEFAULT_SCOPE) -> list[BlockSpec]:
     """The blocks of `scope` whose linears a plan may quantize, in execution order (the encoder's blocks,
     frame/global interleaved, then the camera trunk)."""

@@ -144,3 +144,29 @@ def test_two_exports_are_byte_identical(quantized, exported, tmp_path):
     export_onnx(quantized, again, ExportConfig(precision="w4a16", activations="fp32", image_size=IMAGE_SIZE,
                                                min_frames=1, opt_frames=4, max_frames=8, validate=False))
     assert again.read_bytes() == exported.read_bytes()
+
+
+def test_non_square_export_holds_the_position_embedding_as_a_constant(tmp_path):
+    """At a size whose patch grid differs from DINOv2's stored square one, the traced resize of the position
+    embedding is an antialiased bicubic Resize that TensorRT's parser refuses; the export holds the resized
+    embedding as a constant instead (same outputs: the export validates against PyTorch), and TensorRT-RTX
+    builds the engine."""
+    from qvggt_export.model import VGGT, VGGTConfig
+
+    # A stored grid of 98 x 98 x 128 (> 1 M values, as VGGT-1B's 37 x 37 x 1024): the exporter's optimizer folds
+    # the resize of a smaller embedding into a constant by itself, which would hide the Resize this test is about.
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig(img_size=1372, embed_dim=128, depth=2, num_heads=2, camera_num_heads=2, camera_trunk_depth=1,
+                            dpt_features=16, dpt_out_channels=(8, 16, 32, 32), intermediate_layer_idx=(0, 0, 1, 1),
+                            carry_track_head=False, dinov2_depth=1, dinov2_num_heads=2)).eval()
+    path = export_onnx(model, tmp_path / "model.onnx", ExportConfig(precision="fp32", image_size=(28, 42),
+                                                                     min_frames=1, opt_frames=2, max_frames=2))
+    resizes = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+               for n in load_onnx(path).graph.node if n.op_type == "Resize"]
+    assert resizes and all(r["mode"] == b"linear" and r["antialias"] == 0 for r in resizes)  # the DPT heads' only
+    assert not hasattr(model.aggregator.patch_embed, "onnx_pos_embed")  # the patch is undone
+    pytest.importorskip("tensorrt_rtx")
+    from qvggt_export.export.engine import EngineConfig, build_engine
+
+    build_engine(path, tmp_path / "model.engine", EngineConfig(backend="tensorrt-rtx"))
+    assert (tmp_path / "model.engine").stat().st_size > 0

@@ -118,6 +118,36 @@ def _fp16_copy(model: nn.Module) -> nn.Module:
     return half
 
 
+@contextlib.contextmanager
+def fixed_position_embedding(model: nn.Module, image_hw: tuple[int, int]) -> Iterator[None]:
+    """The learned position embedding resized to the export's patch grid once, here, and held as a constant
+    of the graph (the export size is fixed). Traced, the resize of a non-square grid is an antialiased bicubic
+    Resize, which TensorRT's ONNX parser refuses ("Antialiasing is not supported"). Undone on exit."""
+    owner = arch.position_embedding_owner(model)
+    if owner is None:
+        yield
+        return
+    grid = (image_hw[0] // model.config.patch_size, image_hw[1] // model.config.patch_size)
+    if grid[0] * grid[1] == owner.pos_embed.shape[1] - 1 and grid[0] == grid[1]:  # the stored grid: no resize
+        yield
+        return
+    with torch.no_grad():
+        resized = owner.interpolate_pos_encoding(*grid, torch.float32)
+    owner.register_buffer("onnx_pos_embed", resized, persistent=False)
+
+    def interpolate_pos_encoding(grid_h: int, grid_w: int, dtype: torch.dtype) -> torch.Tensor:
+        if (grid_h, grid_w) != grid:
+            raise ValueError(f"the export's patch grid is {grid}, got {(grid_h, grid_w)}")
+        return owner.onnx_pos_embed.to(dtype)
+
+    owner.interpolate_pos_encoding = interpolate_pos_encoding
+    try:
+        yield
+    finally:
+        del owner.interpolate_pos_encoding
+        del owner._buffers["onnx_pos_embed"]
+
+
 def metadata(model: nn.Module, config: ExportConfig, plan: dict | None) -> dict[str, str]:
     meta = {spec.META_SPEC: json.dumps(config.to_dict(), sort_keys=True),
             spec.META_CONFIG: json.dumps(model.config.to_dict(), sort_keys=True)}
@@ -159,7 +189,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig 
     dynamic_shapes = None if fixed_frames else {"images": {spec.FRAME_AXIS: torch.export.Dim(
         spec.FRAME_DIM, min=config.min_frames, max=config.max_frames)}}
     start = time.perf_counter()
-    with export_patches(graph_model), torch.no_grad():
+    with export_patches(graph_model), fixed_position_embedding(graph_model, (h, w)), torch.no_grad():
         program = torch.onnx.export(
             GraphModule(graph_model, dtype).eval(), (example,), None, dynamo=True, opset_version=spec.OPSET,
             input_names=[spec.INPUT_NAME], output_names=list(spec.OUTPUT_NAMES),
