@@ -38,7 +38,8 @@ class BuildConfig:
     calib: str = "synthetic"
     calib_scenes: int = 4
     calib_frames: int = 4
-    image_size: tuple[int, int] | None = None  # None: the model's native size
+    calib_size: tuple[int, int] | None = None  # calibration views; None: the model's native size
+    image_size: tuple[int, int] | None = None  # the export's; None: the model's native size
     min_frames: int = 1
     opt_frames: int = 4
     max_frames: int = 32
@@ -208,7 +209,8 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
         from .quant.calibration_set import load_calibration
         from .quant.forward import resolve_device
 
-        calib = load_calibration(config.calib, fp_model(), config.calib_scenes, config.calib_frames)
+        calib = load_calibration(config.calib, fp_model(), config.calib_scenes, config.calib_frames,
+                                 config.calib_size)
         qconfig = _quant_config(config, resolve_device(config.device))
         # Everything the checkpoint depends on: the model file, the calibration pixels, every quantization
         # setting, the package version (which also fixes the synthetic renderer).

@@ -277,10 +277,13 @@ def test_build_scope_all_exports_lowers_and_builds_an_engine(tmp_path):
     checkpoint = save_vggt(encoder_model(), tmp_path / "fp.safetensors")
     out = tmp_path / "out"
     summary = build(BuildConfig(precision="w4a16", checkpoint=str(checkpoint), out=str(out), method="rtn",
-                                scope="all", calib_scenes=1, calib_frames=2, image_size=(28, 42), max_frames=4,
+                                scope="all", calib_scenes=1, calib_frames=2, calib_size=(28, 28),
+                                image_size=(28, 42), max_frames=4,
                                 compare_scenes=1, compare_frames=2, backend=backend))
     assert summary["compare"]["passed"]
     assert summary["engine"]["built"] == (backend != "none")
+    manifest = json.loads((out / "calib" / "manifest.json").read_text())
+    assert manifest["calibration"]["image_size"] == [28, 28]  # calibrated at --calib-size, exported at 28x42
     encoder = summary["deployable_bytes"]["encoder"]
     assert encoder["deployed"] < 0.5 * encoder["fp16"]
 

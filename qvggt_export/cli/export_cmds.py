@@ -192,6 +192,8 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
               help="'synthetic' or a folder of image folders (one per scene).")
 @click.option("--calib-scenes", default=4, show_default=True, type=COUNT)
 @click.option("--calib-frames", default=4, show_default=True, type=COUNT)
+@click.option("--calib-size", default=None, metavar="HxW",
+              help="Image size of the calibration views (default: the model's native size; smaller is cheaper).")
 @click.option("--method", type=click.Choice(["qvggt", "awq", "gptq", "rtn"]), default="qvggt", show_default=True)
 @click.option("--plan", default=None, help="auto | paper | uniform | plan file (default: the method's).")
 @click.option("--out", "-o", default=None, type=click.Path(), help="Output folder (default engines/NAME-PRECISION).")
@@ -201,8 +203,8 @@ def engine_cmd(model, backend, out, min_frames, opt_frames, max_frames, timing_c
 @click.option("--fast", is_flag=True, help=f"Quantizer preset for large models: {fast_preset_help()}.")
 @scope_option
 @device_options
-def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, plan, out, image_size, min_frames,
-              opt_frames, max_frames, backend, fast, scope, device, dtype):
+def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, calib_size, method, plan, out, image_size,
+              min_frames, opt_frames, max_frames, backend, fast, scope, device, dtype):
     """calibrate -> quantize -> export -> lower -> compare -> engine, skipping up-to-date stages.
 
     With no arguments: the embedded vggt-tiny model, synthetic calibration, W4A16. Exit code 1 when the
@@ -212,6 +214,7 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, method, 
 
     summary = build(BuildConfig(precision=precision, checkpoint=checkpoint, out=out, method=method, plan=plan,
                                 calib=calib, calib_scenes=calib_scenes, calib_frames=calib_frames,
+                                calib_size=parse_image_size(calib_size) if calib_size else None,
                                 image_size=parse_image_size(image_size) if image_size else None,
                                 min_frames=min_frames, opt_frames=opt_frames, max_frames=max_frames,
                                 backend=backend, device=device, dtype=dtype, fast=fast, scope=scope))
