@@ -207,6 +207,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
     if quantized:
         from .quant.calibration_run import FIGURE_FILE, MANIFEST_FILE, SENSITIVITY_FILE, STATS_FILE
         from .quant.calibration_set import load_calibration
+        from .quant.distributed import leave_group
         from .quant.forward import resolve_device
 
         calib = load_calibration(config.calib, fp_model(), config.calib_scenes, config.calib_frames,
@@ -221,6 +222,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
         stages.run("calibrate+quantize", quant_inputs, [qpath],
                    lambda: _quantize(fp_model(), calib, qconfig, calib_dir, qpath, shard.is_main),
                    optional=calib_files)
+        leave_group(shard)  # the ranks' shared work ends here: rank 0 goes on alone
         if not shard.is_main:
             return {}  # the other ranks only lend their share of the calibration work
         model_source, model_sha = qpath, sha256_file(qpath)

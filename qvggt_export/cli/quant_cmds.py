@@ -80,6 +80,7 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
     data-parallel under torchrun)."""
     from ..io import removed_on_error
     from ..quant.calibration_run import calibrate as run_calibrate
+    from ..quant.distributed import leave_group
     from ..quant.plan import check_scope
 
     check_scope(scope)
@@ -88,6 +89,7 @@ def calibrate(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, 
     with removed_on_error(out_dir if shard.is_main else None):  # an error (not a kill) leaves no new folder
         result = run_calibrate(model.to(device), calib, out_dir, sensitivity=not no_sensitivity, dtype=dtype,
                                shard=shard, scope=scope)
+    leave_group(shard)
     if result.sensitivity and shard.is_main:
         worst = sorted(result.sensitivity["blocks"].items(), key=lambda kv: kv[1]["score"], reverse=True)[:5]
         click.echo("most sensitive blocks: " + ", ".join(f"{name} ({e['score']:.3g})" for name, e in worst))
@@ -132,6 +134,7 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     from ..errors import QVGGTError
     from ..io import removed_on_error, write_json
     from ..model import save_quantized
+    from ..quant.distributed import leave_group
     from ..quant.quantizer import QuantConfig, quantize_model, weight_bytes
 
     settings = dict(grid=grid, task_topk=task_topk)
@@ -156,6 +159,7 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
     with removed_on_error(*((out_path.parent, calib_dir) if shard.is_main else ())):
         qmodel = quantize_model(model, calib, config, calib_dir=calib_dir, inplace=True, report_out=reports)
         if not shard.is_main:
+            leave_group(shard)
             return
         save_quantized(qmodel, out_path)
         report = reports[0]
@@ -168,6 +172,7 @@ def quantize(checkpoint, calib_source, calib_scenes, calib_frames, calib_size, o
                 path.unlink(missing_ok=True)
             raise
         report.progress.clear()
+    leave_group(shard)
     click.echo(f"wrote {out_path} and {sidecar}")
 
 

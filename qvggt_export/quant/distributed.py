@@ -45,6 +45,16 @@ def init_from_environment(device: torch.device) -> Shard:
     return current_shard()
 
 
+def leave_group(shard: Shard) -> None:
+    """The end of a successful run: every rank waits for the others, then leaves the process group. A rank
+    that exits with a live gloo group while a peer still works (rank 0 saving the checkpoint) can abort at
+    interpreter exit ("terminate called without an active exception", seen in CI). After an error no rank
+    waits: the others fail in their next collective, as before."""
+    if shard.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def current_shard() -> Shard:
     if dist.is_available() and dist.is_initialized():
         return Shard(dist.get_rank(), dist.get_world_size())
