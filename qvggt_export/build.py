@@ -190,6 +190,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
     from .export.spec import ExportConfig
     from .model import load_model
     from .model.summary import checkpoint_summary
+    from .quant.calibration_run import FIGURE_FILE
 
     root = stages.root
     quantized = config.precision != "fp16"
@@ -205,7 +206,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
         return model_fp
 
     if quantized:
-        from .quant.calibration_run import FIGURE_FILE, MANIFEST_FILE, SENSITIVITY_FILE, STATS_FILE
+        from .quant.calibration_run import MANIFEST_FILE, SENSITIVITY_FILE, STATS_FILE
         from .quant.calibration_set import load_calibration
         from .quant.distributed import leave_group
         from .quant.forward import resolve_device
@@ -247,7 +248,7 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
     compare_path, report_path = root / "compare.json", root / REPORT_NAME
     files = {p.name: file_bytes(p) for p in [*([qpath] if quantized else []), onnx_path, *lowered.values()]}
     part_bytes = checkpoint_summary(str(model_source))["deployable_bytes"]
-    figure = calib_dir / "sensitivity.png"
+    figure = calib_dir / FIGURE_FILE
     report_context = {"files": files, "part_bytes": part_bytes, "part_bytes_source": f" of {model_source.name}",
                       "plan": getattr(deployed, "quant_plan", None), "reference_name": f"PyTorch, {model_source.name}",
                       "sensitivity_png": figure if quantized and figure.is_file() else None,
@@ -257,13 +258,14 @@ def _build(config: BuildConfig, stages: Stages, source: Path, source_sha: str, s
     report_inputs = {"full_precision": source_sha, "files": files, "conf_percentile": DEFAULT_CONF_PERCENTILE,
                      "sensitivity": sha256_file(figure) if report_context["sensitivity_png"] else None,
                      "qvggt_export": __version__}
-    stages.run("compare", {"candidate": sha256_file(candidate), "reference": model_sha,
+    candidate_sha = sha256_file(candidate)  # for compare and engine (1.4 GB for VGGT-1B: hashed once)
+    stages.run("compare", {"candidate": candidate_sha, "reference": model_sha,
                            "scenes": config.compare_scenes, "frames": config.compare_frames,
                            "report": report_inputs}, [compare_path, report_path],
                lambda: _compare(candidate, deployed, source if quantized else None, image_size, config, compare_path,
                                 report_context))
     compare_report = json.loads(compare_path.read_text())
-    engine = _engine_stage(stages, candidate, config)
+    engine = _engine_stage(stages, candidate, candidate_sha, config)
     summary = _summary(root, config, stages, files, compare_report, engine, part_bytes, report_path)
     write_json(root / "summary.json", summary)
     return summary
@@ -316,7 +318,7 @@ def _compare(candidate: Path, reference, fp_source: Path | None, image_size, con
                   title=f"qvggt-export build: {out.parent.name}", **context)
 
 
-def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
+def _engine_stage(stages: Stages, onnx_path: Path, onnx_sha: str, config: BuildConfig) -> dict:
     from .export.engine import BackendMissing, EngineConfig, build_engine, default_backend, sidecar_path
 
     backend = config.backend or default_backend()
@@ -325,7 +327,7 @@ def _engine_stage(stages: Stages, onnx_path: Path, config: BuildConfig) -> dict:
                                           "TensorRT-RTX, or build on the target with `qvggt-export engine`)"}
     engine_path = onnx_path.with_suffix(".engine")
     try:
-        stages.run(f"engine-{backend}", {"onnx": sha256_file(onnx_path), "backend": backend},
+        stages.run(f"engine-{backend}", {"onnx": onnx_sha, "backend": backend},
                    [engine_path, sidecar_path(engine_path)],
                    lambda: build_engine(onnx_path, engine_path, EngineConfig(backend=backend)))
     except BackendMissing as exc:

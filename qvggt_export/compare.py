@@ -41,8 +41,6 @@ def activations_of(source) -> tuple[str, str]:
     """(activation dtype, where it was read) of one side of a comparison: "fp32" or "fp16" (a key of
     spec.REL_TOL). An ONNX file: its export spec (and the lowering, named); an engine: its sidecar (what
     the ONNX it was built from recorded); a PyTorch model: its parameters' dtype."""
-    import json
-
     if not isinstance(source, (str, Path)):
         import torch
 
@@ -62,10 +60,11 @@ def activations_of(source) -> tuple[str, str]:
             return dtype, f"{path.name}, built from {why}"
         return "fp32", f"{path.name}: activations not recorded in its sidecar, fp32 assumed"
     from .export.lower import META_TARGET
-    from .export.onnx_io import load_onnx, model_metadata
+    from .export.onnx_io import load_onnx, model_metadata, recorded_export_spec
 
-    meta = model_metadata(load_onnx(path, load_external_data=False))
-    dtype = json.loads(meta.get(spec.META_SPEC, "{}")).get("dtype")
+    graph = load_onnx(path, load_external_data=False)
+    meta = model_metadata(graph)
+    dtype = recorded_export_spec(graph).get("dtype")
     lowering = f", {meta[META_TARGET]} lowering" if META_TARGET in meta else ""
     if dtype not in spec.REL_TOL:
         return "fp32", f"{path.name}: no export spec{lowering}, fp32 assumed"
@@ -316,9 +315,9 @@ def report_context(candidate: str | Path, reference, reference_name: str, checkp
                "files": {candidate.name: file_bytes(candidate)}}
     plan = getattr(reference, "quant_plan", None)
     if plan is None and candidate.suffix == ".onnx":
-        from .export.onnx_io import load_onnx
+        from .export.onnx_io import load_onnx, model_metadata
 
-        meta = spec.model_metadata(load_onnx(candidate, load_external_data=False))
+        meta = model_metadata(load_onnx(candidate, load_external_data=False))
         plan = json.loads(meta[spec.META_PLAN]) if spec.META_PLAN in meta else None
     context["plan"] = plan
     if not isinstance(reference, (str, Path)):

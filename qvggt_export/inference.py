@@ -63,24 +63,18 @@ def run_model(model: torch.nn.Module, images: torch.Tensor, device: str | torch.
     depth [S, H, W, 1], depth_conf [S, H, W], world_points [S, H, W, 3], world_points_conf [S, H, W].
     More views than the memory can hold, where that can be foreseen, or running out of memory during
     the forward pass: ResourceError."""
-    from .geometry import pose_encoding_to_extri_intri
-
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [S, 3, H, W], got {tuple(images.shape)}")
     views, hw, device = images.shape[0], tuple(images.shape[-2:]), torch.device(device)
     check_memory(model, views, hw, device)
     with resource_errors(f"running {views} views of {hw[0]}x{hw[1]} on {device}"):
         preds = model(images.to(device)[None])
-    out = {k: preds[k][0].float().cpu().numpy() for k in PREDICTION_KEYS}
-    extrinsic, intrinsic = pose_encoding_to_extri_intri(preds["pose_enc"].float().cpu(), images.shape[-2:])
-    out["extrinsic"] = np.asarray(extrinsic[0], dtype=np.float32)
-    out["intrinsic"] = np.asarray(intrinsic[0], dtype=np.float32)
-    return out
+    return graph_predictions({k: preds[k].float().cpu().numpy() for k in PREDICTION_KEYS})
 
 
 def graph_predictions(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """An exported graph's outputs (batch of one) -> `run_model`'s dict: batch dim removed, extrinsic and
-    intrinsic decoded from pose_enc at the depth maps' size."""
+    """A model's or an exported graph's outputs (batch of one) -> `run_model`'s dict: batch dim removed,
+    extrinsic and intrinsic decoded from pose_enc at the depth maps' size."""
     from .geometry import pose_encoding_to_extri_intri
 
     preds = {k: np.asarray(v)[0] for k, v in raw.items()}

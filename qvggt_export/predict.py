@@ -86,7 +86,7 @@ def predict_synthetic(spec: str, checkpoint: str | None, views: int, image_size:
 
     from .data.synthetic import render_scene
     from .evaluate import scene_metrics
-    from .export.spec import parse_image_size
+    from .data.images import parse_image_size
     from .metrics import camera_pose_metrics
 
     if Path(out).suffix != ".npz":

@@ -170,3 +170,14 @@ def test_non_square_export_holds_the_position_embedding_as_a_constant(tmp_path):
 
     build_engine(path, tmp_path / "model.engine", EngineConfig(backend="tensorrt-rtx"))
     assert (tmp_path / "model.engine").stat().st_size > 0
+
+
+def test_compare_report_reads_the_plan_from_the_candidate_graph(quantized, exported):
+    """A standalone `compare --report` against the full-precision model: the plan on the page is the one
+    the candidate ONNX carries in its metadata (the full-precision reference has none)."""
+    from export_helpers import tiny_float_model
+    from qvggt_export.compare import report_context
+
+    context = report_context(exported, tiny_float_model(), "torch", None)
+    assert context["plan"] == json.loads(json.dumps(quantized.quant_plan, sort_keys=True))
+    assert context["files"] == {exported.name: exported.stat().st_size}

@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,7 +29,7 @@ from PIL import Image
 
 from qvggt_export.build import STAGES_DIR, BuildConfig, build
 from qvggt_export.cli import main
-from qvggt_export.errors import BusyError, QVGGTError, ResourceError
+from qvggt_export.errors import BusyError, ResourceError
 from qvggt_export.io import TMP_SUFFIX, atomic_output, resource_error, write_json
 from qvggt_export.log import logger
 from qvggt_export.model import save_vggt

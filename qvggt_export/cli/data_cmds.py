@@ -34,7 +34,7 @@ def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size
     from ..evaluate import evaluate, format_report
     from ..io import write_json
     from ..model import load_model
-    from ..export.spec import parse_image_size
+    from ..data.images import parse_image_size
     from ..visualize import ReconstructionOutputs
 
     # The dataset and the outputs are checked before the (slow) model load so that a wrong --root fails at once.
@@ -68,7 +68,7 @@ def eval_command(checkpoint, dataset, root, frames, seed, max_scenes, image_size
 def show_scene(seed, views, image_size, out) -> None:
     """Render a synthetic scene and save its views and depth maps as a PNG."""
     from ..data.synthetic import render_scene, save_scene_figure
-    from ..export.spec import parse_image_size
+    from ..data.images import parse_image_size
 
     scene = render_scene(seed, views, parse_image_size(image_size))
     click.echo(f"wrote {save_scene_figure(scene, out)}")

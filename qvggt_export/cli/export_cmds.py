@@ -30,7 +30,8 @@ def _frame_options(fn):
 
 def _export_config(model, precision, image_size, min_frames, opt_frames, max_frames, activations=None,
                    validate=True):
-    from ..export.spec import ExportConfig, parse_image_size
+    from ..data.images import parse_image_size
+    from ..export.spec import ExportConfig
 
     size = parse_image_size(image_size) if image_size else model.config.default_image_size
     return ExportConfig(precision=precision, image_size=size, min_frames=min_frames, opt_frames=opt_frames,
@@ -210,7 +211,7 @@ def build_cmd(precision, checkpoint, calib, calib_scenes, calib_frames, calib_si
     With no arguments: the embedded vggt-tiny model, synthetic calibration, W4A16. Exit code 1 when the
     compare stage fails."""
     from ..build import BuildConfig, build
-    from ..export.spec import parse_image_size
+    from ..data.images import parse_image_size
 
     summary = build(BuildConfig(precision=precision, checkpoint=checkpoint, out=out, method=method, plan=plan,
                                 calib=calib, calib_scenes=calib_scenes, calib_frames=calib_frames,
@@ -240,7 +241,7 @@ def infer_cmd(model, images, out, mode, image_size, plugin_library, ply, glb, co
     scene), preprocessed to MODEL's input size; writes the same predictions as `predict` (extrinsic and
     intrinsic included)."""
     from ..export.infer import infer
-    from ..export.spec import parse_image_size
+    from ..data.images import parse_image_size
     from ..visualize import ReconstructionOutputs
 
     infer(model, images, out, mode, plugin_library, parse_image_size(image_size) if image_size else None,
@@ -281,7 +282,7 @@ def bench_cmd(checkpoint, quantized, random_depth, frames, image_size, runs, thr
     from ..bench import BenchConfig, bench, format_table
     from ..data.images import check_size
     from ..errors import InputError
-    from ..export.spec import parse_image_size
+    from ..data.images import parse_image_size
     from ..io import write_json
 
     if random_depth is not None and (checkpoint or quantized):

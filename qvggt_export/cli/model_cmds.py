@@ -97,7 +97,7 @@ def predict(images, checkpoint, scene, views, image_size, mode, out, device, ply
             click.echo(line)
     else:
         from ..data.images import check_size
-        from ..export.spec import parse_image_size
+        from ..data.images import parse_image_size
 
         size = check_size(parse_image_size(image_size)) if image_size else None
         predict_images(images, checkpoint, mode, out, device, size, reconstruction)

@@ -56,7 +56,7 @@ def resolve_run(device, dtype):
 
 def _load(checkpoint, calib_source, calib_scenes, calib_frames, calib_size):
     from ..errors import CheckpointError
-    from ..export.spec import parse_image_size
+    from ..data.images import parse_image_size
     from ..model import load_model
     from ..quant.calibration_set import load_calibration
 

@@ -58,6 +58,20 @@ def check_size(size: tuple[int, int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """"518", "518x518" or "294x518" -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"image size must look like 518 or 294x518, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise InputError(f"image size must look like 518 or 294x518, got {text!r}")
+    return values
+
+
 def plan_preprocessing(width: int, height: int, mode: str = "crop", size: tuple[int, int] | None = None) -> ResizePlan:
     """The resize / crop / pad that preprocessing applies to a width x height image; `size` (H, W): the
     exact output size (None: the released 518 rule)."""

@@ -15,7 +15,6 @@ from pathlib import Path
 from ..errors import InputError, QVGGTError
 from ..io import atomic_output, discard_cache, make_dirs, remove_empty_dirs, sha256_file, write_json
 from ..log import logger
-from . import spec
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL_HINTS = {
@@ -84,10 +83,10 @@ class EngineConfig:
 
 def _frames(onnx_path: Path, config: EngineConfig) -> tuple[tuple[int, int, int], tuple[int, int], str | None]:
     """The profile's frame counts, the input size and the activation dtype (None: not recorded)."""
-    from .onnx_io import load_onnx, model_metadata
+    from .onnx_io import load_onnx, recorded_export_spec
 
     model = load_onnx(onnx_path, load_external_data=False)
-    export = json.loads(model_metadata(model).get(spec.META_SPEC, "{}"))
+    export = recorded_export_spec(model)
     frames = (config.min_frames or export.get("min_frames", 1), config.opt_frames or export.get("opt_frames", 4),
               config.max_frames or export.get("max_frames", 32))
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

@@ -3,7 +3,6 @@ one scene's views, with `predict`'s preprocessing and outputs."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,12 +28,12 @@ def recorded_size(model: Path) -> tuple[int, int] | None:
     """The fixed (H, W) an exported .onnx (its metadata, else its input shape) or a built .engine (its
     sidecar) takes."""
     from .engine import read_sidecar
-    from .onnx_io import load_onnx, model_metadata
+    from .onnx_io import load_onnx, recorded_export_spec
 
     if model.suffix == ".engine":
         return tuple(read_sidecar(model)["image_size"])
     onnx_model = load_onnx(model, load_external_data=False)
-    export = json.loads(model_metadata(onnx_model).get(spec.META_SPEC, "{}"))
+    export = recorded_export_spec(onnx_model)
     if "image_size" in export:
         return tuple(export["image_size"])
     dims = [d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim[-2:]]
@@ -43,11 +42,10 @@ def recorded_size(model: Path) -> tuple[int, int] | None:
 
 def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     from .lower import lower
-    from .onnx_io import load_onnx, model_metadata
+    from .onnx_io import load_onnx, recorded_export_spec
     from .runtime import has_custom_nodes, ort_session
 
-    model = load_onnx(path, load_external_data=False)
-    export = json.loads(model_metadata(model).get(spec.META_SPEC, "{}"))
+    export = recorded_export_spec(load_onnx(path, load_external_data=False))
     if "image_size" in export:
         _check_size(images, export["image_size"], (export["min_frames"], export["max_frames"]), path)
     from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException

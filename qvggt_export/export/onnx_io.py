@@ -4,6 +4,7 @@ Both the exporter (onnx_export) and the lowerings (lower) read and write models 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError, QVGGTError
 from ..io import TMP_SUFFIX, make_dirs, remove_empty_dirs, resource_error, resource_errors
+from . import spec
 
 # Protobuf cannot hold more than 2 GiB; above this many weight bytes the model goes to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -78,3 +80,8 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True):
 
 def model_metadata(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
+
+
+def recorded_export_spec(model) -> dict:
+    """The export spec (spec.ExportConfig.to_dict) an exported model carries in its metadata; {} if none."""
+    return json.loads(model_metadata(model).get(spec.META_SPEC, "{}"))

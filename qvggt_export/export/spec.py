@@ -62,15 +62,3 @@ class ExportConfig:
                 "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES), "frame_axis": FRAME_AXIS}
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
-    """"518", "518x518" or "294x518" -> (H, W)."""
-    parts = text.lower().split("x")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise InputError(f"image size must look like 518 or 294x518, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2:
-        raise InputError(f"image size must look like 518 or 294x518, got {text!r}")
-    return values

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .. import __version__, arch
 from ..errors import InputError
 from ..log import logger
+from ..vocabulary import SEARCH_GRID, TASK_TOPK
 from .calibration_run import Calibration, calibrate, local_scenes
 from .calibration_set import CalibrationSet
 from .cic import DEFAULT_COMPONENTS, cic_token
@@ -37,7 +38,6 @@ from .forward import DTYPES, FullModelForward, autocast, make_forward, resolve_d
 from .gptq import gptq_quantize
 from .linear import QuantLinear
 from .modules import replace_module, restore, snapshot
-from ..vocabulary import SEARCH_GRID, TASK_TOPK
 from .objective import LOSS_WEIGHTS, Targets, check_finite, gathered_task_loss, make_targets
 from .plan import auto_plan, check_scope, paper_plan, quantized_layers, read_plan_file, summarize, uniform_plan
 from .progress import QuantizeProgress
